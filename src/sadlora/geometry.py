@@ -29,16 +29,17 @@ def orthonormal_basis(matrix: torch.Tensor) -> torch.Tensor:
 
     Reduced QR; the columns of ``matrix`` must be linearly independent.
     """
-    if matrix.dim() < 2:
-        raise ValueError(
-            f"a subspace is given as a (..., d, r) matrix of column vectors; got shape "
-            f"{tuple(matrix.shape)}. Add a trailing dimension for a single vector: x[:, None]."
-        )
     q, _ = torch.linalg.qr(matrix, mode="reduced")
     return q
 
 
 def _check_pair(first: torch.Tensor, second: torch.Tensor) -> None:
+    for matrix in (first, second):
+        if matrix.dim() < 2:
+            raise ValueError(
+                f"a subspace is given as a (..., d, r) matrix of column vectors; got shape "
+                f"{tuple(matrix.shape)}. Add a trailing dimension for one vector: x[:, None]."
+            )
     if first.shape[-2] != second.shape[-2]:
         raise ValueError(
             f"both subspaces must live in the same ambient space: got d={first.shape[-2]} "
