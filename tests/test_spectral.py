@@ -185,6 +185,7 @@ def test_spectral_gap():
     values = torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=F64)
     assert float(spectral_gap(values, 1)) == 2.0
     assert float(spectral_gap(values, 3)) == float("inf")
+    assert float(spectral_gap(torch.tensor([2.0, 0.0, 0.0]), 2)) == float("inf")
     with pytest.raises(ValueError, match="rank r=5"):
         spectral_gap(values, 5)
 

@@ -292,7 +292,7 @@ def spectral_gap(singular_values: torch.Tensor, r: int) -> torch.Tensor:
     """sigma~_r / sigma~_{r+1} (1-based); inf when sigma~_{r+1} = 0 or r is the last index."""
     if not 1 <= r <= singular_values.shape[-1]:
         raise ValueError(f"rank r={r} outside [1, {singular_values.shape[-1]}].")
-    if r == singular_values.shape[-1]:
+    if r == singular_values.shape[-1] or float(singular_values[r]) == 0.0:
         return torch.full((), float("inf"), dtype=singular_values.dtype)
     return singular_values[r - 1] / singular_values[r]
 

@@ -3,16 +3,46 @@
 A target describes, for one adapted linear layer of the student (named by its module name in
 the *base* model, e.g. ``bert.encoder.layer.0.attention.self.query``), the data-weighted
 subspace of the spectral teacher's update dW = W_T - W0 (DESIGN.md §1).
+
+On disk, targets live in a directory ``path`` holding two files:
+
+- ``targets.safetensors``: the tensors, keys ``"<module name>/<field>"`` (basis,
+  singular_values, total_energy, and optionally delta_w and sigma; a Sigma shared by several
+  layers, e.g. query/key/value, is stored once under the first of them);
+- ``targets.json``: format version, metadata (model fingerprint, calibration, settings), the
+  per-layer scalars (rank, gap, which Sigma) and the sha256 of ``targets.safetensors``, so a
+  truncated or corrupted tensor file is detected. Both are written to temporary names and
+  renamed into place, the JSON last.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-__all__ = ["LayerTarget", "SpectralTargets"]
+from .calibration import (
+    collect_second_moments,
+    collect_update_grams,
+    linear_weight,
+    resolve_target_modules,
+)
+from .spectral import data_weighted_subspace, select_ranks
+
+__all__ = ["LayerTarget", "SpectralTargets", "model_fingerprint", "task_updates",
+           "build_targets", "save_targets", "load_targets", "check_fingerprint"]
+
+logger = logging.getLogger(__name__)
+TENSOR_FILE, META_FILE, FORMAT_VERSION = "targets.safetensors", "targets.json", 1
 
 
 @dataclass
@@ -54,3 +84,286 @@ class SpectralTargets:
 
     layers: dict[str, LayerTarget]
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: target.rank for name, target in self.layers.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Model facts
+# --------------------------------------------------------------------------------------------
+
+
+def _module(model: nn.Module, name: str, role: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"the {role} ({type(model).__name__}) has no module {name!r}: teacher, base and "
+            f"targets must all be for the same architecture (same module names).") from None
+
+
+def model_fingerprint(model: nn.Module, module_names: list[str]) -> dict[str, Any]:
+    """{model_type, class_name, layers: {name: [d_out, d_in]}} identifying what targets fit."""
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "class_name": type(model).__name__,
+        "layers": {name: list(linear_weight(_module(model, name, "model")).shape)
+                   for name in module_names},
+    }
+
+
+def _finite_weight(model: nn.Module, name: str, role: str) -> torch.Tensor:
+    weight = linear_weight(_module(model, name, role)).detach()
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"the {role} parameter {name}.weight contains NaN or Inf values.")
+    return weight
+
+
+def _checked_pair(teacher: nn.Module, base: nn.Module, name: str) -> tuple:
+    """(W_teacher, W_base) of one layer, both (d_out, d_in), after the user-error checks."""
+    w_teacher, w_base = _finite_weight(teacher, name, "teacher"), _finite_weight(base, name, "base")
+    if w_teacher.shape != w_base.shape:
+        raise ValueError(
+            f"parameter {name}.weight has shape {tuple(w_teacher.shape)} in the teacher but "
+            f"{tuple(w_base.shape)} in the base: they must be the same architecture.")
+    if torch.equal(w_teacher, w_base.to(w_teacher.device)):
+        raise ValueError(
+            f"the task update of {name} is zero: teacher and base weights are identical. "
+            f"Check that the spectral teacher is the fine-tuned checkpoint.")
+    return w_teacher, w_base
+
+
+def task_updates(teacher: nn.Module, base: nn.Module, module_names: list[str], *,
+                 dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """dW = W_teacher - W_base, (d_out, d_in) in ``dtype``, for each named linear layer.
+
+    Raises ValueError naming the parameter when a module is missing, the shapes differ, a
+    weight is not finite, or dW = 0 (the teacher is then the base: likely the wrong checkpoint).
+    """
+    pairs = {name: _checked_pair(teacher, base, name) for name in module_names}
+    # Subtract in float64 (no float32 cancellation error), then round once to ``dtype``.
+    return {name: (t.double() - b.to(t.device, torch.float64)).to(dtype)
+            for name, (t, b) in pairs.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------------
+
+
+def _check_settings(rank, energy_threshold, total_budget, use_gram, shrinkage, keep_sigma):
+    if (rank is None) == (energy_threshold is None and total_budget is None):
+        raise ValueError(
+            "give exactly one of rank (a fixed rank for every layer) or energy_threshold / "
+            "total_budget (data-driven ranks r*(eps) of Theorem 2).")
+    if use_gram and (shrinkage is not None or keep_sigma):
+        raise ValueError("use_gram=True never forms Sigma: it cannot apply shrinkage or keep "
+                         "Sigma. Use the Sigma route (use_gram=False).")
+
+
+def _layer_spectra(teacher, base, names, moments, *, use_gram, shrinkage, max_rank, keep):
+    """Layer by layer, so only one float64 dW and K live at once. Per layer: a LayerTarget
+    still without rank and gap, the float64 values (k + 1,) (sigma~_{k+1} = 0 when k = d_out,
+    for the gap at r = k) and tr K (float64)."""
+    results, sigma_of = {}, {}  # sigma_of: accumulator id -> (Sigma, its float32 copy)
+    for name in names:
+        delta = task_updates(teacher, base, [name])[name]
+        if use_gram:
+            subspace, sigma32 = data_weighted_subspace(None, gram=moments[name].mean()), None
+        else:
+            if id(moments[name]) not in sigma_of:  # shared by query/key/value: computed once
+                sigma_of.clear()  # sharing layers are adjacent; don't hold every d_in^2 Sigma
+                mean = moments[name].mean(shrinkage)
+                sigma_of[id(moments[name])] = (mean, mean.to(torch.float32))
+            sigma, sigma32 = sigma_of[id(moments[name])]
+            subspace = data_weighted_subspace(delta, sigma.to(delta.device))
+        k = min(max_rank, delta.shape[0])
+        values = torch.cat([subspace.singular_values, subspace.singular_values.new_zeros(1)])
+        target = LayerTarget(
+            basis=subspace.basis[:, :k].to(torch.float32).contiguous(),
+            singular_values=values[:k].to(torch.float32).contiguous(),
+            total_energy=subspace.total_energy.to(torch.float32), rank=0, gap=float("inf"),
+            sigma=sigma32 if keep["sigma"] else None,
+            delta_w=delta.to(torch.float32) if keep["delta_w"] else None)
+        results[name] = (target, values[: k + 1].clone(), subspace.total_energy)
+    return results
+
+
+def _gap(values: torch.Tensor, r: int) -> float:
+    """sigma~_r / sigma~_{r+1} from values (>= r + 1,); inf when sigma~_{r+1} = 0."""
+    return float("inf") if float(values[r]) == 0.0 else float(values[r - 1] / values[r])
+
+
+def build_targets(
+    teacher: nn.Module, base: nn.Module, dataloader, target_modules, *,
+    calibration_model: nn.Module | None = None, max_rank: int = 64, rank: int | None = None,
+    energy_threshold: float | None = None, min_rank: int = 1, total_budget: int | None = None,
+    keep_sigma: bool = False, keep_delta_w: bool = False, shrinkage: str | None = None,
+    use_gram: bool = False, device=None, progress: bool = True, max_batches: int | None = None,
+) -> SpectralTargets:
+    """Per-layer targets of the spectral teacher's update dW = W_teacher - W_base (DESIGN.md §1).
+
+    Sigma (or K, with ``use_gram``) is calibrated on ``calibration_model`` (default: base) over
+    ``dataloader``; K = dW Sigma dW^T is eigendecomposed in float64; each layer keeps
+    k = min(max_rank, d_out) directions and its rank: ``rank`` for all layers, or r*(eps) from
+    ``energy_threshold`` or the greedy split of ``total_budget`` (Theorem 2, with tr K; the
+    budget wins when both are given). ``target_modules``: suffixes (resolved on base) or full
+    module names. Raises ValueError for a missing/mismatched/non-finite/unchanged layer.
+    """
+    _check_settings(rank, energy_threshold, total_budget, use_gram, shrinkage, keep_sigma)
+    names = resolve_target_modules(base, target_modules)
+    ks = {name: min(max_rank, linear_weight(base.get_submodule(name)).shape[0]) for name in names}
+    if rank is not None and any(not 1 <= rank <= k for k in ks.values()):
+        raise ValueError(f"rank={rank} must be in [1, min(max_rank, d_out)] for every layer; "
+                         f"the smallest is {min(ks.values())}. Lower rank or raise max_rank.")
+    for name in names:  # user errors surface before the expensive calibration
+        _checked_pair(teacher, base, name)
+    calibration_model = base if calibration_model is None else calibration_model
+    collect_kw = dict(device=device, max_batches=max_batches, progress=progress)
+    if use_gram:  # all dW are needed at once by the hooks: float32 halves their memory
+        deltas = task_updates(teacher, base, names, dtype=torch.float32)
+        moments = collect_update_grams(calibration_model, dataloader, deltas, **collect_kw)
+        del deltas
+    else:
+        moments = collect_second_moments(calibration_model, dataloader, names, **collect_kw)
+    spectra = _layer_spectra(teacher, base, names, moments, use_gram=use_gram,
+                             shrinkage=shrinkage, max_rank=max_rank,
+                             keep={"sigma": keep_sigma, "delta_w": keep_delta_w})
+    ranks = dict.fromkeys(names, rank) if rank is not None else select_ranks(
+        {name: values[:-1] for name, (_, values, _) in spectra.items()},
+        energy_threshold=energy_threshold if energy_threshold is not None else 0.9,
+        min_rank=min_rank, max_rank=max_rank, total_budget=total_budget,
+        total_energy_by_layer={name: total for name, (_, _, total) in spectra.items()})
+    layers = {name: target for name, (target, _, _) in spectra.items()}
+    for name, (target, values, _) in spectra.items():
+        target.rank, target.gap = int(ranks[name]), _gap(values, int(ranks[name]))
+    metadata = {
+        "fingerprint": model_fingerprint(base, names),
+        "teacher_class": type(teacher).__name__,
+        "calibration_tokens": {name: moments[name].count for name in names},
+        "settings": dict(max_rank=max_rank, rank=rank, energy_threshold=energy_threshold,
+                         min_rank=min_rank, total_budget=total_budget, shrinkage=shrinkage,
+                         use_gram=use_gram, keep_sigma=keep_sigma, keep_delta_w=keep_delta_w),
+    }
+    logger.info("built targets for %d layers, ranks %s", len(layers), sorted(set(ranks.values())))
+    return SpectralTargets(layers=layers, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load / validate
+# --------------------------------------------------------------------------------------------
+
+_TENSOR_FIELDS = ("basis", "singular_values", "total_energy", "delta_w")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_targets(targets: SpectralTargets, path: str | os.PathLike) -> Path:
+    """Write ``targets`` into the directory ``path`` (created if needed); returns it."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, layers, sigma_owner = {}, {}, {}
+    for name, target in targets.layers.items():
+        for key in _TENSOR_FIELDS:
+            if getattr(target, key) is not None:
+                tensors[f"{name}/{key}"] = getattr(target, key).detach().cpu().contiguous()
+        sigma_key = None
+        if target.sigma is not None:  # shared Sigma (query/key/value) is stored once
+            sigma_owner.setdefault(id(target.sigma), name)
+            sigma_key = f"{sigma_owner[id(target.sigma)]}/sigma"
+            tensors[sigma_key] = target.sigma.detach().cpu().contiguous()
+        layers[name] = {"rank": target.rank, "gap": target.gap, "sigma": sigma_key}
+    tmp_tensors = directory / f".{TENSOR_FILE}.{os.getpid()}.tmp"
+    tmp_meta = directory / f".{META_FILE}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(tmp_tensors))
+        document = {"format": "sadlora-targets", "version": FORMAT_VERSION,
+                    "sha256": _sha256(tmp_tensors), "layers": layers, "metadata": targets.metadata}
+        tmp_meta.write_text(json.dumps(document, indent=1))
+        # Tensors first, JSON last: a crash in between leaves a checksum mismatch, never a
+        # silent mix of old and new.
+        for tmp, final in ((tmp_tensors, TENSOR_FILE), (tmp_meta, META_FILE)):
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, directory / final)
+    finally:
+        tmp_tensors.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+    return directory
+
+
+def _read_document(directory: Path) -> dict:
+    for name in (META_FILE, TENSOR_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"no {name} in {directory}: not a targets directory written "
+                                    f"by save_targets (build them with build_targets).")
+    try:
+        document = json.loads((directory / META_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{directory / META_FILE} is corrupted ({error}); rebuild the targets.") \
+            from error
+    if not isinstance(document, dict) or document.get("format") != "sadlora-targets":
+        raise ValueError(f"{directory / META_FILE} is not a sadlora targets file.")
+    if document.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{directory} has targets format version {document.get('version')}, "
+                         f"this sadlora reads version {FORMAT_VERSION}; rebuild the targets.")
+    if _sha256(directory / TENSOR_FILE) != document.get("sha256"):
+        raise ValueError(f"{directory / TENSOR_FILE} is truncated or corrupted (its sha256 does "
+                         f"not match {META_FILE}); rebuild the targets with build_targets.")
+    return document
+
+
+def check_fingerprint(targets: SpectralTargets, model: nn.Module,
+                      module_names: list[str] | None = None) -> None:
+    """Raise ValueError if ``model`` lacks a target layer or a layer's (d_out, d_in) differs."""
+    names = list(targets.layers) if module_names is None else list(module_names)
+    unknown = [name for name in names if name not in targets.layers]
+    if unknown:
+        raise ValueError(f"the targets have no layer {unknown[:5]}; they cover "
+                         f"{list(targets.layers)[:5]}... Rebuild them for these layers.")
+    expected, actual = targets.metadata.get("fingerprint", {}), model_fingerprint(model, names)
+    for name in names:
+        want, shape = expected.get("layers", {}).get(name), actual["layers"][name]
+        if want is not None and list(want) != shape:
+            raise ValueError(f"layer {name!r} has weight shape {tuple(shape)} in "
+                             f"{actual['class_name']} but the targets were made for "
+                             f"{tuple(want)}: wrong model for these targets.")
+    if None not in (actual["model_type"], expected.get("model_type")) and \
+            actual["model_type"] != expected["model_type"]:
+        raise ValueError(f"targets were made for model_type {expected['model_type']!r}, "
+                         f"the model is {actual['model_type']!r}.")
+
+
+def load_targets(path: str | os.PathLike, *, model: nn.Module | None = None,
+                 module_names: list[str] | None = None) -> SpectralTargets:
+    """Read targets written by :func:`save_targets`; with ``model``, check they fit it."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"targets directory {directory} does not exist.")
+    document = _read_document(directory)
+    try:
+        tensors = load_file(str(directory / TENSOR_FILE))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"cannot read {directory / TENSOR_FILE}: {error}") from error
+    layers = {}
+    for name, scalars in document["layers"].items():
+        fields = {key: tensors.get(f"{name}/{key}") for key in _TENSOR_FIELDS}
+        if any(fields[key] is None for key in _TENSOR_FIELDS[:3]):
+            raise ValueError(f"{directory / TENSOR_FILE} lacks tensors of layer {name!r}.")
+        sigma = tensors.get(scalars["sigma"]) if scalars["sigma"] is not None else None
+        if scalars["sigma"] is not None and sigma is None:
+            raise ValueError(f"{directory / TENSOR_FILE} lacks the Sigma of layer {name!r}.")
+        layers[name] = LayerTarget(rank=scalars["rank"], gap=scalars["gap"], sigma=sigma, **fields)
+    targets = SpectralTargets(layers=layers, metadata=document["metadata"])
+    if model is not None:
+        check_fingerprint(targets, model, module_names)
+    return targets
