@@ -32,6 +32,15 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "prepare-teacher": Command(
+        "full fine-tune of a model on a task (the KD teacher or the spectral teacher)",
+        "sadlora.commands:prepare_teacher", "sadlora.commands:TeacherConfig"),
+    "extract": Command("per-layer spectral targets of a spectral teacher's update",
+                       "sadlora.commands:extract", "sadlora.commands:ExtractConfig"),
+    "distill": Command("distil a teacher into a LoRA student (every method of DESIGN.md §2)",
+                       "sadlora.commands:distill", "sadlora.commands:DistillConfig"),
+    "evaluate": Command("task metrics of a saved student",
+                        "sadlora.commands:evaluate", "sadlora.commands:EvaluateConfig"),
     "synthetic": Command(
         "controlled spectral validation of Theorems 1-3 on linear layers",
         "sadlora.experiments.synthetic:run_synthetic",
@@ -40,10 +49,6 @@ COMMANDS: dict[str, Command] = {
 }
 
 NOT_YET = {
-    "prepare-teacher": "full fine-tune of a model on a task (KD / spectral teacher)",
-    "extract": "compute the per-layer spectral targets of a spectral teacher",
-    "distill": "distil a teacher into a LoRA student (every method of DESIGN.md §2)",
-    "evaluate": "evaluate a saved student on a task",
     "demo": "the main job: teachers, targets and distillation on embedded STS-B",
 }
 
