@@ -103,6 +103,25 @@ def test_shrinkage_equals_scikit_learn(n, d, name, estimator):
     assert moment.shrinkage_intensity(name) == pytest.approx(reference.shrinkage_, rel=1e-10)
 
 
+def test_second_moment_float32_input_uses_float32_products_float64_sum():
+    # The fast path: a float32 batch's product in float32, summed over batches in float64.
+    x = randn(5, 6, 50, 16)
+    x32 = x.to(torch.float32)
+    mask = (torch.arange(50)[None, :] < torch.tensor([50, 40, 30, 20, 10, 3])[:, None]).long()
+    fast = SecondMoment(16)
+    for batch, batch_mask in zip(torch.split(x32, 2), torch.split(mask, 2)):
+        fast.update(batch, batch_mask)
+    exact = x32.double()[mask.bool()]
+    assert fast.sum.dtype == torch.float64 and fast.count == exact.shape[0]
+    torch.testing.assert_close(fast.mean(), exact.T @ exact / exact.shape[0], rtol=1e-5,
+                               atol=1e-6)
+    for shrinkage in ("ledoit_wolf", "oas"):
+        reference = SecondMoment(16)
+        reference.update(exact)
+        assert fast.shrinkage_intensity(shrinkage) == pytest.approx(
+            reference.shrinkage_intensity(shrinkage), rel=1e-4)
+
+
 def test_second_moment_errors():
     with pytest.raises(ValueError, match="calibration set is empty"):
         SecondMoment(3).mean()
