@@ -77,10 +77,12 @@ def save_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int
     return folder
 
 
-def save_tiny_llama(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def save_tiny_llama(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0,
+                    extra_words: tuple[str, ...] = ()) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS,
-                                                 "#", ":", "instruction", "response"])}
+    tokens = ["<pad>", "<unk>", "<s>", "</s>", *WORDS, "#", ":", "instruction", "response"]
+    tokens += [w for w in dict.fromkeys(extra_words) if w not in tokens]
+    vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])

@@ -2,6 +2,9 @@
 
 ``instruct:files`` reads local CSV / JSON / parquet files with ``prompt`` and ``response``
 columns (``task_options: {data_files: ..., prompt_field: ..., response_field: ...}``).
+``instruct:templated`` builds instructions from the packaged labelled data (no hub needed):
+Rotten Tomatoes sentiment -> ``answer: positive|negative`` and STS-B similarity ->
+``answer: 0..5`` (the gold score rounded), see ``sadlora.instruct_templates``.
 The labels of prompt and padding tokens are -100, so the task loss, the token-level KD and
 the perplexity all cover response tokens only.
 """
@@ -12,7 +15,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-__all__ = ["load_instruction_task", "tokenize_instructions", "format_prompt", "INSTRUCTION_TASKS"]
+__all__ = ["load_instruction_task", "tokenize_instructions", "format_prompt", "INSTRUCTION_TASKS",
+           "greedy_answers", "exact_match"]
 
 # The fallback template for tokenizers without a chat template.
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -45,7 +49,16 @@ def _load_files(data_dir: Any = None, *, data_files: Any, prompt_field: str = "p
     return data
 
 
-INSTRUCTION_TASKS = {"instruct:files": _load_files}
+def _load_templated(data_dir: Any = None, **options: Any) -> DatasetDict:
+    from .instruct_templates import templated_instructions
+
+    if data_dir is not None:
+        raise ValueError("instruct:templated reads the packaged STS-B / Rotten Tomatoes data; "
+                         f"data_dir={data_dir!r} is not used (remove it).")
+    return templated_instructions(**options)
+
+
+INSTRUCTION_TASKS = {"instruct:files": _load_files, "instruct:templated": _load_templated}
 
 
 def load_instruction_task(name: str, data_dir: Any = None, **options: Any) -> DatasetDict:
@@ -78,3 +91,55 @@ def tokenize_instructions(dataset: Dataset, tokenizer, max_length: int = 256) ->
 
     return dataset.map(encode, with_indices=True, remove_columns=dataset.column_names,
                        desc="tokenize instructions")
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 8,
+                   batch_size: int = 16, bf16: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` (formatted with ``format_prompt``), decoded without
+    special tokens. Batches are left-padded, so every prompt ends where generation starts."""
+    import torch
+
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = eos_token.")
+    device, was_training = next(model.parameters()).device, model.training
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model.eval()
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [format_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                 enabled=bf16):
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def exact_match(model, tokenizer, rows: Dataset | list[dict], **kwargs: Any) -> dict:
+    """Fraction of rows whose greedy answer equals the response (after ``normalise_answer``).
+
+    Returns ``{"exact_match", "count", "by_task": {task: exact match}, "examples": first 5
+    (prompt tail, gold, generated)}``; ``by_task`` needs a ``task`` column.
+    """
+    from .instruct_templates import normalise_answer
+
+    rows = list(rows)
+    if not rows:
+        raise ValueError("exact_match needs at least one row with prompt and response.")
+    generated = greedy_answers(model, tokenizer, [r["prompt"] for r in rows], **kwargs)
+    hits = [normalise_answer(g) == normalise_answer(r["response"])
+            for g, r in zip(generated, rows)]
+    by_task: dict[str, list[bool]] = {}
+    for hit, row in zip(hits, rows):
+        by_task.setdefault(row.get("task", "all"), []).append(hit)
+    return {"exact_match": sum(hits) / len(hits), "count": len(hits),
+            "by_task": {t: sum(h) / len(h) for t, h in sorted(by_task.items())},
+            "examples": [{"prompt_tail": r["prompt"][-60:], "gold": r["response"],
+                          "generated": g} for g, r in list(zip(generated, rows))[:5]]}
