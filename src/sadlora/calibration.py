@@ -230,6 +230,15 @@ def _reduce_and_check(moments: Mapping[str, SecondMoment], modules: Sequence[str
             f"no non-padding token reached {empty[:5]}: the attention masks of the calibration "
             f"batches are all zero. Pass batches whose attention_mask marks the real tokens."
         )
+    # One check after the loop (not a host sync per batch): a NaN/Inf activation would
+    # otherwise surface later as NaN targets or an eigensolver failure.
+    nonfinite = [name for name in modules if not bool(torch.isfinite(moments[name].sum).all())]
+    if nonfinite:
+        raise ValueError(
+            f"the inputs of {nonfinite[:5]} contained NaN or Inf during calibration: the "
+            f"calibration model produces non-finite activations. Check its weights (and run "
+            f"calibration in float32 rather than float16)."
+        )
 
 
 # --------------------------------------------------------------------------------------------

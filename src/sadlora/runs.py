@@ -29,7 +29,8 @@ from transformers import (
 from .tasks import TaskSpec, compute_metrics, load_task, tokenize_task
 
 __all__ = ["DataConfig", "TrainConfig", "resolve_model_path", "load_model", "PreparedData",
-           "prepare_data", "evaluate_model", "write_json", "is_main_process"]
+           "prepare_data", "evaluate_model", "write_json", "write_text_atomic",
+           "check_finite_weights", "is_main_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ class PreparedData:
     spec: TaskSpec | None  # None for causal-LM instruction data
     splits: dict  # split name -> tokenised datasets.Dataset (columns incl. labels and idx)
     collate: Any
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric tables report (response perplexity for causal-LM data)."""
+        return "response_perplexity" if self.spec is None else self.spec.primary_metric
 
     @property
     def problem_type(self) -> str:
@@ -207,11 +213,28 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write JSON atomically (temporary name, then rename): never half-written."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary name, then rename it over ``path``: readers see the old
+    file or the new one, never half of one; a failed write leaves no temporary behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write JSON atomically (temporary name, then rename): never half-written."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+def check_finite_weights(model: torch.nn.Module, role: str) -> None:
+    """Raise ValueError naming the first parameter of ``model`` holding NaN or Inf."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter.detach()).all():
+            raise ValueError(f"the {role} has NaN or Inf values in parameter {name!r}: the "
+                             f"checkpoint is damaged or diverged; use a healthy checkpoint.")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,10 @@ def _check_settings(rank, energy_threshold, total_budget, use_gram, shrinkage, k
                          "Sigma. Use the Sigma route (use_gram=False).")
 
 
-def _layer_spectra(teacher, base, names, moments, *, use_gram, shrinkage, max_rank, keep):
-    """Layer by layer, so only one float64 dW and K live at once. Per layer: a LayerTarget
+def _layer_spectra(teacher, base, names, moments, *, use_gram, shrinkage, max_rank, keep,
+                   data_weighted=True):
+    """Layer by layer, so only one float64 dW and K live at once. With ``data_weighted`` False,
+    Sigma = I (the plain SVD of dW, the unweighted ablation). Per layer: a LayerTarget
     still without rank and gap, the float64 values (k + 1,) (sigma~_{k+1} = 0 when k = d_out,
     for the gap at r = k) and tr K (float64)."""
     results, sigma_of = {}, {}  # sigma_of: accumulator id -> (Sigma, its float32 copy)
@@ -176,7 +179,8 @@ def _layer_spectra(teacher, base, names, moments, *, use_gram, shrinkage, max_ra
         else:
             if id(moments[name]) not in sigma_of:  # shared by query/key/value: computed once
                 sigma_of.clear()  # sharing layers are adjacent; don't hold every d_in^2 Sigma
-                mean = moments[name].mean(shrinkage)
+                mean = (moments[name].mean(shrinkage) if data_weighted else
+                        torch.eye(delta.shape[1], dtype=torch.float64))
                 sigma_of[id(moments[name])] = (mean, mean.to(torch.float32))
             sigma, sigma32 = sigma_of[id(moments[name])]
             subspace = data_weighted_subspace(delta, sigma.to(delta.device))
@@ -203,6 +207,7 @@ def build_targets(
     energy_threshold: float | None = None, min_rank: int = 1, total_budget: int | None = None,
     keep_sigma: bool = False, keep_delta_w: bool = False, shrinkage: str | None = None,
     use_gram: bool = False, device=None, progress: bool = True, max_batches: int | None = None,
+    data_weighted: bool = True,
 ) -> SpectralTargets:
     """Per-layer targets of the spectral teacher's update dW = W_teacher - W_base (DESIGN.md §1).
 
@@ -210,10 +215,16 @@ def build_targets(
     ``dataloader``; K = dW Sigma dW^T is eigendecomposed in float64; each layer keeps
     k = min(max_rank, d_out) directions and its rank: ``rank`` for all layers, or r*(eps) from
     ``energy_threshold`` or the greedy split of ``total_budget`` (Theorem 2, with tr K; the
-    budget wins when both are given). ``target_modules``: suffixes (resolved on base) or full
+    budget wins when both are given). ``data_weighted=False`` replaces Sigma by I (ablation). ``target_modules``: suffixes (resolved on base) or full
     module names. Raises ValueError for a missing/mismatched/non-finite/unchanged layer.
+
+    Under torch.distributed each rank calibrates on its own share of the batches, S and n are
+    all-reduced, and the targets are computed on rank 0 and broadcast (on CPU) to the others.
     """
     _check_settings(rank, energy_threshold, total_budget, use_gram, shrinkage, keep_sigma)
+    if not data_weighted and use_gram:
+        raise ValueError("data_weighted=False sets Sigma = I, which the use_gram route (K "
+                         "accumulated from data) cannot do: use use_gram=False.")
     names = resolve_target_modules(base, target_modules)
     ks = {name: min(max_rank, linear_weight(base.get_submodule(name)).shape[0]) for name in names}
     if rank is not None and any(not 1 <= rank <= k for k in ks.values()):
@@ -229,13 +240,27 @@ def build_targets(
         del deltas
     else:
         moments = collect_second_moments(calibration_model, dataloader, names, **collect_kw)
-    spectra = _layer_spectra(teacher, base, names, moments, use_gram=use_gram,
-                             shrinkage=shrinkage, max_rank=max_rank,
-                             keep={"sigma": keep_sigma, "delta_w": keep_delta_w})
+    settings = dict(max_rank=max_rank, rank=rank, energy_threshold=energy_threshold,
+                    min_rank=min_rank, total_budget=total_budget, shrinkage=shrinkage,
+                    use_gram=use_gram, keep_sigma=keep_sigma, keep_delta_w=keep_delta_w,
+                    data_weighted=data_weighted)
+    return _computed_on_rank_zero(
+        lambda: _targets_from_moments(teacher, base, names, moments, settings))
+
+
+def _targets_from_moments(teacher, base, names, moments, settings: dict) -> SpectralTargets:
+    """The eigendecompositions, rank selection and metadata of ``build_targets``."""
+    max_rank, rank = settings["max_rank"], settings["rank"]
+    energy_threshold = settings["energy_threshold"]
+    spectra = _layer_spectra(teacher, base, names, moments, use_gram=settings["use_gram"],
+                             shrinkage=settings["shrinkage"], max_rank=max_rank,
+                             keep={"sigma": settings["keep_sigma"],
+                                   "delta_w": settings["keep_delta_w"]},
+                             data_weighted=settings["data_weighted"])
     ranks = dict.fromkeys(names, rank) if rank is not None else select_ranks(
         {name: values[:-1] for name, (_, values, _) in spectra.items()},
         energy_threshold=energy_threshold if energy_threshold is not None else 0.9,
-        min_rank=min_rank, max_rank=max_rank, total_budget=total_budget,
+        min_rank=settings["min_rank"], max_rank=max_rank, total_budget=settings["total_budget"],
         total_energy_by_layer={name: total for name, (_, _, total) in spectra.items()})
     layers = {name: target for name, (target, _, _) in spectra.items()}
     for name, (target, values, _) in spectra.items():
@@ -244,12 +269,52 @@ def build_targets(
         "fingerprint": model_fingerprint(base, names),
         "teacher_class": type(teacher).__name__,
         "calibration_tokens": {name: moments[name].count for name in names},
-        "settings": dict(max_rank=max_rank, rank=rank, energy_threshold=energy_threshold,
-                         min_rank=min_rank, total_budget=total_budget, shrinkage=shrinkage,
-                         use_gram=use_gram, keep_sigma=keep_sigma, keep_delta_w=keep_delta_w),
+        "settings": settings,
     }
     logger.info("built targets for %d layers, ranks %s", len(layers), sorted(set(ranks.values())))
     return SpectralTargets(layers=layers, metadata=metadata)
+
+
+def _computed_on_rank_zero(compute: Callable[[], SpectralTargets]) -> SpectralTargets:
+    """``compute()`` on rank 0 only, its result broadcast to every rank (DESIGN.md §3).
+
+    Every rank then holds bit-identical targets (eigensolvers on different devices need not
+    agree to the last bit, nor pick the same signs), and the float64 eigendecompositions run
+    once. Without an initialised process group this is just ``compute()``. An error on rank 0
+    is re-raised on every rank instead of leaving the others waiting in the broadcast.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    payload: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = ("ok", _targets_to_cpu(compute()))
+        except ValueError as error:
+            payload[0] = ("error", str(error))
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise ValueError(value)
+    return value
+
+
+def _targets_to_cpu(targets: SpectralTargets) -> SpectralTargets:
+    """A CPU copy (pickled device tensors would land on rank 0's device index elsewhere);
+    a Sigma shared by several layers stays one object."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        return copies.setdefault(id(tensor), tensor.cpu())
+
+    layers = {name: LayerTarget(basis=cpu(t.basis), singular_values=cpu(t.singular_values),
+                                total_energy=cpu(t.total_energy), rank=t.rank, gap=t.gap,
+                                sigma=cpu(t.sigma), delta_w=cpu(t.delta_w))
+              for name, t in targets.layers.items()}
+    return SpectralTargets(layers=layers, metadata=targets.metadata)
 
 
 # --------------------------------------------------------------------------------------------

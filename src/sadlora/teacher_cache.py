@@ -131,8 +131,12 @@ class TeacherLogitsCache:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
         temporary = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"logits": table.contiguous(), "checksum": _checksum(table)}, str(temporary))
-        os.replace(temporary, path)
+        try:
+            save_file({"logits": table.contiguous(), "checksum": _checksum(table)},
+                      str(temporary))
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
         return path
 
     def get_or_compute(self, teacher, dataset, collate, *, settings: dict | None = None,
@@ -144,8 +148,10 @@ class TeacherLogitsCache:
             logger.info("teacher logits: cache hit %s", self.path(key))
             return table
         table = compute_teacher_logits(teacher, dataset, collate, **kwargs)
-        with contextlib.suppress(OSError):  # a read-only cache folder only costs a recompute
-            self.save(key, table)
+        # Under torchrun only rank 0 writes (the others computed the same table themselves).
+        if int(os.environ.get("RANK", "0")) == 0:
+            with contextlib.suppress(OSError):  # a read-only cache folder costs a recompute
+                self.save(key, table)
         return table
 
 

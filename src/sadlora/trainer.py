@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 from .geometry import principal_angles
 from .losses import SADLoss
+from .runs import write_text_atomic
 from .student import lora_factors, lora_scaling
 from .targets import SpectralTargets
 
@@ -51,6 +53,13 @@ class DistillationTrainer(Trainer):
                  teacher: torch.nn.Module | None = None,
                  teacher_autocast: torch.dtype | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        sharding = sharded_parameters(self)
+        if sharding and sad_loss.targets is not None:
+            raise ValueError(
+                f"{sharding} shards the LoRA factors across ranks, but the spectral losses "
+                f"read whole B and A matrices: train with DDP (torchrun / accelerate launch "
+                f"--multi_gpu) or DeepSpeed ZeRO-1/2, or use a method without targets "
+                f"(kd_lora, lora).")
         self.sad_loss = sad_loss.to(self.args.device)
         self.problem_type = problem_type
         self.teacher_logits = teacher_logits
@@ -83,8 +92,10 @@ class DistillationTrainer(Trainer):
         outputs = model(**inputs)
         # Causal LMs pass unshifted logits and labels: SADLoss shifts them once, for the task
         # loss and for the token-level KD over response positions alike.
+        # Under DDP ``model`` is the wrapper: read the factors from the PEFT model inside it
+        # (the same parameters, so the gradients still go through the DDP reducer).
         terms = self.sad_loss(
-            lora_factors(model),
+            lora_factors(self.accelerator.unwrap_model(model)),
             student_logits=outputs.logits,
             teacher_logits=self._teacher_output(inputs, index),
             labels=labels,
@@ -107,7 +118,31 @@ class DistillationTrainer(Trainer):
             for name, total in self._term_sums.items():
                 logs[name] = round(float(total) / self._term_count, 6)
             self._term_sums, self._term_count = {}, 0
+            _check_finite_terms(logs, self.state.global_step)
         super().log(logs, start_time)
+
+
+def sharded_parameters(trainer) -> str | None:
+    """The name of the trainer's parameter sharding (FSDP, DeepSpeed ZeRO-3), or None."""
+    state = trainer.accelerator.state
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return "FSDP"
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if deepspeed is not None and deepspeed.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def _check_finite_terms(logs: dict[str, float], step: int) -> None:
+    """Stop a run whose loss went NaN/Inf instead of training on garbage (checked when the
+    terms are logged, where the host reads them anyway: no extra sync per step)."""
+    bad = {name: logs[name] for name in ("loss", "kd", "task", "align", "coeff")
+           if name in logs and not math.isfinite(logs[name])}
+    if bad:
+        raise ValueError(
+            f"non-finite training loss at optimizer step {step}: {bad}. A NaN/Inf in the "
+            f"student's or the teacher's weights or logits, or a diverging run: check the "
+            f"models, lower learning_rate, or train without bf16.")
 
 
 class SpectralMonitorCallback(TrainerCallback):
@@ -121,6 +156,15 @@ class SpectralMonitorCallback(TrainerCallback):
         self.targets = targets
         self.path = Path(path)
         self.every = every
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run (or a rerun in the same folder) rewrites the steps after its start:
+        # drop those records so the file holds each step once, from the run that kept it.
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= state.global_step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every or not state.is_world_process_zero:
