@@ -6,6 +6,7 @@ orthonormal bases, independent of the calibration code.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -240,7 +241,9 @@ def test_save_load_and_merge_reproduce_logits(arch, tmp_path):
     if case.head is not None:
         head_params = [n for n in trainable if f".{case.head}." in n]
         assert head_params, f"task head {case.head!r} is not trainable: {trainable}"
-    assert all("lora_" in n or (case.head and f".{case.head}." in n) for n in trainable)
+    # Trainable: the adapters and the head (for BERT also its pooler, see the pooler test).
+    assert all("lora_" in n or (case.head and f".{case.head}." in n) or ".pooler." in n
+               for n in trainable)
 
     perturb(student, case.head)
     after = logits(student)
@@ -369,4 +372,47 @@ def test_reading_factors_from_a_plain_model_is_an_error(tmp_path):
 
 
 def test_initialisers_are_the_documented_set():
-    assert set(INITIALISERS) == {"gaussian", "spectral", "spectral_full", "pissa"}
+    assert set(INITIALISERS) == {"gaussian", "spectral", "spectral_full", "pissa", "random_subspace"}
+
+
+def test_random_subspace_init_is_orthonormal_uninformed_and_seeded():
+    base = tiny_bert()
+    before = logits(base)
+    targets = make_targets(base, ["query", "value"])
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return build_student(copy.deepcopy(base), lora_rank=RANK, target_modules=["query", "value"],
+                             init="random_subspace", targets=targets).eval()
+
+    student = build(0)
+    torch.testing.assert_close(logits(student), before, atol=1e-6, rtol=0)  # A = 0
+    for name, (b, a) in lora_factors(student).items():
+        torch.testing.assert_close(b.T @ b, torch.eye(RANK), atol=1e-5, rtol=0)
+        assert torch.equal(a, torch.zeros_like(a))
+        # Not the target's subspace: a random frame has cos^2 ~ r / d_out, far from 1.
+        overlap = (targets.layers[name].basis[:, :RANK].T @ b).square().sum() / RANK
+        assert overlap < 0.9
+    again = lora_factors(build(0))
+    other = lora_factors(build(1))
+    name = next(iter(again))
+    assert torch.equal(again[name][0], lora_factors(student)[name][0])
+    assert not torch.equal(other[name][0], again[name][0])
+
+
+def test_bert_pooler_is_part_of_the_trained_and_saved_head(tmp_path):
+    """BERT's head reads pooler.dense in the backbone: it trains and saves with the adapter."""
+    base = tiny_bert()
+    student = build_student(copy.deepcopy(base), lora_rank=RANK, target_modules=["query", "value"])
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert any("pooler" in n and "modules_to_save" in n for n in trainable)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "pooler" in name and "modules_to_save" in name:
+                parameter.add_(0.5)
+    save_student(student.eval(), tmp_path)
+    reloaded = load_student(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(student), atol=1e-6, rtol=0)
+    # When an adapter sits inside the pooler, the pooler is not also trained in full.
+    inside = build_student(copy.deepcopy(base), lora_rank=RANK, target_modules=["dense"])
+    assert not any("pooler" in n and "modules_to_save" in n for n, _ in inside.named_parameters())

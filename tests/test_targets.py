@@ -280,3 +280,17 @@ def test_loading_for_another_model_fails(fixed, base, tmp_path):
         load_targets(directory, model=base, module_names=["bert.pooler.dense"])
     document = json.loads((directory / "targets.json").read_text())
     assert document["metadata"]["fingerprint"]["model_type"] == "bert"
+
+
+def test_unweighted_targets_are_the_plain_svd_of_the_update(teacher, base, batches):
+    """data_weighted=False (the Sigma = I ablation): U and sigma~ are the SVD of dW itself."""
+    targets = build_targets(teacher, base, batches, TARGETS, rank=4, max_rank=16,
+                            data_weighted=False, keep_sigma=True, progress=False)
+    target = targets.layers[QUERY0]
+    delta = (teacher.get_submodule(QUERY0).weight - base.get_submodule(QUERY0).weight).double()
+    left, values, _ = torch.linalg.svd(delta)
+    assert torch.allclose(target.singular_values.double(), values[:16], rtol=1e-5)
+    assert math.isclose(float(target.total_energy), float(delta.square().sum()), rel_tol=1e-6)
+    basis = target.basis[:, :4].double()
+    assert torch.allclose(basis @ basis.T, left[:, :4] @ left[:, :4].T, atol=1e-5)
+    assert torch.equal(target.sigma, torch.eye(delta.shape[1]))

@@ -41,6 +41,12 @@ COMMANDS: dict[str, Command] = {
                        "sadlora.commands:distill", "sadlora.commands:DistillConfig"),
     "evaluate": Command("task metrics of a saved student",
                         "sadlora.commands:evaluate", "sadlora.commands:EvaluateConfig"),
+    "demo": Command(
+        "the main job: teachers, targets and LoRA distillation on the embedded STS-B",
+        "sadlora.experiments.demo:run_demo", "sadlora.experiments.demo:DemoConfig"),
+    "grid": Command(
+        "a resumable grid of tasks x ranks x methods x seeds with shared teachers and targets",
+        "sadlora.experiments.grid:run_grid", "sadlora.experiments.grid:GridConfig"),
     "synthetic": Command(
         "controlled spectral validation of Theorems 1-3 on linear layers",
         "sadlora.experiments.synthetic:run_synthetic",
@@ -48,9 +54,10 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
-NOT_YET = {
-    "demo": "the main job: teachers, targets and distillation on embedded STS-B",
-}
+
+
+# Subcommands whose config has a ``quick`` size.
+QUICK = ("demo", "synthetic")
 
 
 def _resolve(path: str):
@@ -70,10 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help="YAML config file (may name a base: file)")
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                          help="config overrides, e.g. lora_rank=16 seeds=[0,1,2]")
-    for name, text in NOT_YET.items():
-        if name not in COMMANDS:
-            sub = commands.add_parser(name, help=f"{text} (not yet implemented)")
-            sub.add_argument("rest", nargs=argparse.REMAINDER)
+        if name in QUICK:
+            sub.add_argument("--quick", action="store_true",
+                             help="the small size (same as the override quick=true)")
     return parser
 
 
@@ -83,12 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    command = COMMANDS.get(args.command)
-    if command is None:
-        print(f"sadlora {args.command}: not yet implemented.", file=sys.stderr)
-        return 2
+    command = COMMANDS[args.command]
+    overrides = list(args.overrides) + (["quick=true"] if getattr(args, "quick", False) else [])
     try:
-        config = load_config(_resolve(command.config), args.config, args.overrides)
+        config = load_config(_resolve(command.config), args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"sadlora {args.command}: {error}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,23 +17,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoConfig, Trainer, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .calibration import resolve_target_modules
 from .losses import AlignmentTargets, SADLoss
 from .methods import resolve_method
 from .runs import (
     DataConfig,
     TrainConfig,
+    check_finite_weights,
     evaluate_model,
     is_main_process,
     load_model,
     load_raw_splits,
     prepare_data,
+    resolve_model_path,
     write_json,
 )
-from .student import adapted_module_names, build_student, load_student, save_student
-from .targets import build_targets, load_targets, save_targets
+from .student import (
+    adapted_module_names,
+    build_student,
+    init_needs_targets,
+    load_student,
+    save_student,
+)
+from .targets import build_targets, check_fingerprint, load_targets, save_targets
 from .teacher_cache import TeacherLogitsCache
 from .trainer import DistillationTrainer, SpectralMonitorCallback, layer_report
 
@@ -55,15 +66,36 @@ def _training_arguments(config: TrainConfig, **overrides) -> TrainingArguments:
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500, disable_tqdm=not config.progress,
         eval_strategy="no", label_names=["labels"],
+        # transformers refuses bf16 without an accelerator unless told the CPU is meant, and
+        # only sets up DDP (gloo) for a multi-process CPU run (torchrun) when told so too.
+        use_cpu=not torch.cuda.is_available() and (
+            config.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1),
     )
     values.update(overrides)
     return TrainingArguments(**values)
 
 
 def _checkpoint(config: TrainConfig) -> str | None:
+    """The newest *complete* checkpoint-N of output_dir when resuming, else None.
+
+    The Trainer writes trainer_state.json last, so a run killed while saving leaves a folder
+    without a readable one: it is skipped (with a warning) for the previous checkpoint.
+    """
     if not config.resume or not Path(config.output_dir).is_dir():
         return None
-    return get_last_checkpoint(config.output_dir)
+    folders = sorted((p for p in Path(config.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                      if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()),
+                     key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
+    for folder in folders:
+        try:
+            json.loads((folder / TRAINER_STATE_NAME).read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s (no readable %s)", folder,
+                           TRAINER_STATE_NAME)
+            continue
+        logger.info("resuming from %s", folder)
+        return str(folder)
+    return None
 
 
 def _evaluate_splits(model, data, config: TrainConfig) -> dict:
@@ -98,6 +130,7 @@ def prepare_teacher(config: TeacherConfig) -> dict:
     trainer.train(resume_from_checkpoint=_checkpoint(config))
     metrics = _evaluate_splits(model, data, config)
     result = {"model": config.model, "task": config.task, "metrics": metrics,
+              "primary_metric": data.primary_metric,
               "seconds": round(time.time() - started, 1), "config": asdict(config)}
     if is_main_process():
         model.save_pretrained(config.output_dir)
@@ -130,6 +163,7 @@ class ExtractConfig(DataConfig):
     keep_sigma: bool = True  # needed by the coefficient loss and the exact decomposition
     keep_delta_w: bool = True  # needed by spectral_full init and the spectral analysis
     use_gram: bool = False  # accumulate K instead of Sigma (d_out^2 memory)
+    data_weighted: bool = True  # False: Sigma = I, the plain SVD of dW (ablation)
     progress: bool = True
 
 
@@ -149,7 +183,8 @@ def extract(config: ExtractConfig) -> dict:
         teacher, base, loader, config.target_modules, max_rank=config.max_rank, rank=config.rank,
         energy_threshold=config.energy_threshold, total_budget=config.total_budget,
         keep_sigma=config.keep_sigma, keep_delta_w=config.keep_delta_w,
-        shrinkage=config.shrinkage, use_gram=config.use_gram, progress=config.progress)
+        shrinkage=config.shrinkage, use_gram=config.use_gram, progress=config.progress,
+        data_weighted=config.data_weighted)
     if is_main_process():
         save_targets(targets, config.output_dir)
     layers = {name: {"rank": t.rank, "gap": t.gap,
@@ -180,6 +215,7 @@ class DistillConfig(TrainConfig):
     teacher: str | None = "runs/kd_teacher"  # KD teacher (logits); None only for method=lora
     targets: str | None = "runs/targets"  # folder from `sadlora extract`
     method: str = "sad_lora_align"  # see sadlora.methods.METHODS (seed names accepted)
+    init: str | None = None  # override the method's LoRA init (ablations): spectral, gaussian, ...
     lora_rank: int = 8  # r
     lora_alpha: float | None = None  # None: = r, so the LoRA scaling s = 1
     lora_dropout: float = 0.05
@@ -215,12 +251,32 @@ def _cache_dir(config: DistillConfig) -> Path:
     return Path(root) / "teacher_logits"
 
 
-def _teacher_signal(config: DistillConfig, raw, problem_type: str) -> dict:
+def _check_teacher_fits(config: DistillConfig, spec, student) -> None:
+    """A KD teacher must score the task's labels (classification) or the student's vocabulary
+    (causal LM, where it reads the student's token ids): reject a mismatch before any work."""
+    teacher_config = AutoConfig.from_pretrained(resolve_model_path(config.teacher))
+    heads = [a for a in teacher_config.architectures or [] if a.endswith("ForSequenceClassification")]
+    if spec is not None and heads and teacher_config.num_labels != spec.num_labels:
+        raise ValueError(
+            f"the KD teacher {config.teacher!r} has {teacher_config.num_labels} labels but task "
+            f"{config.task!r} has {spec.num_labels}: fine-tune the teacher on this task "
+            f"(sadlora prepare-teacher).")
+    teacher_vocab = getattr(teacher_config, "vocab_size", None)
+    if spec is None and teacher_vocab != student.config.vocab_size:
+        raise ValueError(
+            f"the KD teacher {config.teacher!r} has a vocabulary of {teacher_vocab} tokens, the "
+            f"student {config.student_model!r} {student.config.vocab_size}: token-level KD needs "
+            f"one tokenizer; use a teacher of the student's model family.")
+
+
+def _teacher_signal(config: DistillConfig, raw, problem_type: str, student) -> dict:
     """{"teacher_logits": (N, C) cached table} or {"teacher": live model} for KD methods."""
     if config.teacher is None:
         raise ValueError(f"method {config.method!r} distils logits: set teacher=<folder>.")
     spec = raw[0]
+    _check_teacher_fits(config, spec, student)
     teacher, tokenizer = load_model(config.teacher, spec)
+    check_finite_weights(teacher, f"KD teacher {config.teacher!r}")
     if problem_type == "causal_lm":  # full-vocabulary tables are too large to cache
         return {"teacher": teacher,
                 "teacher_autocast": torch.bfloat16 if config.teacher_bf16 else None}
@@ -243,21 +299,26 @@ def distill(config: DistillConfig) -> dict:
     alpha, beta, kd_weight = _loss_weights(config)
     raw = load_raw_splits(config)
     base, tokenizer = load_model(config.student_model, raw[0])
+    check_finite_weights(base, f"student_model {config.student_model!r}")
     data = prepare_data(config, tokenizer, raw)
-    targets = None
-    if method.needs_targets:
-        if config.targets is None:
-            raise ValueError(f"method {name!r} needs spectral targets: set targets=<folder "
-                             f"from `sadlora extract`>.")
-        targets = load_targets(config.targets)
+    init = config.init or method.init
+    trains_on_targets = method.needs_targets or init_needs_targets(init)
+    if trains_on_targets and config.targets is None:
+        raise ValueError(f"method {name!r} needs spectral targets: set targets=<folder "
+                         f"from `sadlora extract`>.")
+    # Methods that do not train on the targets still report their angles to them when given.
+    targets = load_targets(config.targets) if config.targets is not None else None
+    if targets is not None and not isinstance(config.target_modules, str):
+        # names and shapes must fit the student
+        check_fingerprint(targets, base, resolve_target_modules(base, config.target_modules))
     student = build_student(base, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
                             lora_dropout=config.lora_dropout,
-                            target_modules=config.target_modules, init=method.init,
-                            targets=targets)
+                            target_modules=config.target_modules, init=init,
+                            targets=targets if trains_on_targets else None)
     adapted = adapted_module_names(student)
-    teacher_signal = _teacher_signal(config, raw, data.problem_type) if kd_weight else {}
+    teacher_signal = _teacher_signal(config, raw, data.problem_type, base) if kd_weight else {}
     alignment_targets = None
-    if targets is not None:
+    if trains_on_targets:
         layers = {n: targets.layers[n] for n in adapted}
         alignment_targets = AlignmentTargets(layers, config.lora_rank)
     sad_loss = SADLoss(alignment_targets, alpha=alpha, beta=beta, align_kind=config.align_kind,
@@ -279,14 +340,15 @@ def distill(config: DistillConfig) -> dict:
     report = layer_report(student, targets) if targets is not None else {}
     result = {
         "method": name, "task": config.task, "lora_rank": config.lora_rank,
-        "seed": config.seed, "metrics": metrics, "seconds": round(time.time() - started, 1),
+        "seed": config.seed, "metrics": metrics, "primary_metric": data.primary_metric,
+        "seconds": round(time.time() - started, 1),
         "mean_alignment": (sum(r["alignment"] for r in report.values()) / len(report)
                            if report else None),
-        "layers": report, "log_history": trainer.state.log_history,
+        "layers": report, "log_history": trainer.state.log_history, "config": asdict(config),
     }
     if is_main_process():
         save_student(student, output)
-        if targets is not None:
+        if trains_on_targets:
             save_targets(targets, output / "targets")
         write_json(output / "sad_config.json", asdict(config))
         write_json(output / "metrics.json", result)

@@ -101,6 +101,17 @@ def _spectral_full_factors(
     return basis, coeff.to(basis.dtype)
 
 
+def _random_subspace_factors(
+    name: str, target: LayerTarget, rank: int, scaling: float, d_in: int
+) -> Factors:
+    """B = a uniformly random orthonormal r-frame (d_out, r) from torch's global generator,
+    A = 0: the ablation control for ``spectral`` (same norms, no teacher information)."""
+    d_out = target.basis.shape[0]
+    gaussian = torch.randn(d_out, rank, dtype=torch.float64)
+    basis = torch.linalg.qr(gaussian).Q.to(target.basis.dtype)
+    return basis, torch.zeros(rank, d_in, dtype=basis.dtype)
+
+
 @dataclass(frozen=True)
 class _Initialiser:
     """How one ``init=`` value is realised.
@@ -128,7 +139,13 @@ INITIALISERS: dict[str, _Initialiser] = {
     # Full SVD (not "pissa_niter_k"): deterministic, so PeftModel.from_pretrained on the original
     # base recomputes exactly the same residual weight and reproduces the trained student.
     "pissa": _Initialiser(peft_init="pissa"),
+    "random_subspace": _Initialiser(peft_init=True, factors=_random_subspace_factors),
 }
+
+
+def init_needs_targets(init: str) -> bool:
+    """Whether ``init`` reads the spectral targets (ValueError for an unknown init)."""
+    return _get_initialiser(init).needs_targets
 
 
 def _get_initialiser(init: str) -> _Initialiser:
@@ -186,6 +203,23 @@ def _modules_to_save(
         names += _head_module_names(model)
     names = list(dict.fromkeys(names))  # de-duplicate, keep order
     return names or None
+
+
+def _trainable_pooler(model: nn.Module, task_type: TaskType | None, adapted) -> str | None:
+    """``"pooler"`` when a classification model's head reads a pooler inside its backbone
+    (BERT: CLS -> pooler.dense -> tanh -> classifier) that no adapter touches.
+
+    RoBERTa and MPNet keep that dense layer in their ``classifier``; for BERT it sits in the
+    backbone and would stay frozen at its pretraining value (random-like for sentence-embedding
+    checkpoints such as all-MiniLM, which were trained with mean pooling): the head could then
+    not learn pair tasks such as STS-B. Trained in full and saved with the adapter instead.
+    """
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    pooler = getattr(backbone, "pooler", None) if backbone is not None else None
+    if task_type != TaskType.SEQ_CLS or pooler is None or next(pooler.parameters(), None) is None:
+        return None
+    prefix = f"{model.base_model_prefix}.pooler."
+    return None if any(name.startswith(prefix) for name in adapted) else "pooler"
 
 
 def _linear_suffixes(model: nn.Module) -> list[str]:
@@ -392,7 +426,8 @@ def build_student(
     lora_alpha:      None means r, i.e. scaling s = lora_alpha / r = 1.
     target_modules:  PEFT's target_modules (list of name suffixes, a regex, or "all-linear");
                      must match nn.Linear layers only.
-    init:            one of ``INITIALISERS``: gaussian | spectral | spectral_full | pissa.
+    init:            one of ``INITIALISERS``: gaussian | spectral | spectral_full | pissa |
+                     random_subspace (the ablation control).
     targets:         needed by the spectral inits: a target for every adapted module with at
                      least r basis vectors (``delta_w`` too for spectral_full). Targets of
                      modules that are not adapted are ignored. ``LayerTarget.rank`` (the rank
@@ -417,6 +452,9 @@ def build_student(
     )
     modules = _matched_modules(base_model, config)
     _check_rank_fits(modules, lora_rank)
+    pooler = _trainable_pooler(base_model, task_type, modules)
+    if pooler:
+        config.modules_to_save = [*(config.modules_to_save or []), pooler]
 
     factors: dict[str, Factors] = {}
     if initialiser.needs_targets:
