@@ -47,6 +47,14 @@ COMMANDS: dict[str, Command] = {
     "grid": Command(
         "a resumable grid of tasks x ranks x methods x seeds with shared teachers and targets",
         "sadlora.experiments.grid:run_grid", "sadlora.experiments.grid:GridConfig"),
+    "spectral-analysis": Command(
+        "angles, effective rank, intruders and T_I/T_II/T_III of trained adapters",
+        "sadlora.experiments.spectral_analysis:run_spectral_analysis",
+        "sadlora.experiments.spectral_analysis:SpectralAnalysisConfig"),
+    "llama-instruct": Command(
+        "instruction-following distillation of a causal LM (SmolLM2 offline, Llama with a hub)",
+        "sadlora.experiments.llama_instruct:run_llama_instruct",
+        "sadlora.experiments.llama_instruct:LlamaInstructConfig"),
     "synthetic": Command(
         "controlled spectral validation of Theorems 1-3 on linear layers",
         "sadlora.experiments.synthetic:run_synthetic",
@@ -99,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     result = _resolve(command.runner)(config)
     if isinstance(result, dict) and "summary" in result:
         print(json.dumps(result["summary"], indent=2, default=str))
+    elif isinstance(result, dict) and "wall_time_s" in result:
+        print(f"wrote {result['config']['output_dir']} in {result['wall_time_s']:.1f} s")
     return 0
 
 

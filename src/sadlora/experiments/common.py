@@ -46,8 +46,7 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_json(data: Any, path: str | Path) -> Path:
-    """Write ``data`` as indented JSON (creating the parent folder); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(data), indent=1) + "\n")
-    return path
+    """Write ``data`` as indented strict JSON, atomically (``runs.write_text_atomic``)."""
+    from ..runs import write_text_atomic  # lazy: runs imports transformers
+
+    return write_text_atomic(path, json.dumps(to_jsonable(data), indent=1) + "\n")

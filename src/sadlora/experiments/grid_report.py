@@ -75,8 +75,8 @@ def render_markdown(teachers: list[dict], rows: list[dict], splits: list[str]) -
                       for s in splits]
             cells += ["-", f"{teacher['seconds']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
-        for row in sorted((r for r in rows if r["task"] == task),
-                          key=lambda r: (r["rank"], r["variant"])):
+        # By rank, then in the grid's variant order (rows arrive in that order).
+        for row in sorted((r for r in rows if r["task"] == task), key=lambda r: r["rank"]):
             cells = [row["variant"], str(row["rank"]), str(len(row["seeds"]))]
             cells += [_cell(row["metrics"].get(s, {}).get(metric)) for s in splits]
             alignment = row["mean_alignment"]
