@@ -215,3 +215,46 @@ def test_llama_pipeline_with_live_teacher(tmp_path):
         adapted = student(input_ids=ids).logits
         merged = student.merge_and_unload()(input_ids=ids).logits
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.assets
+def test_real_minilm_on_embedded_stsb_smoke(tmp_path):
+    """The packaged MiniLM and STS-B through extract + distill + evaluate, a few steps each.
+
+    The spectral teacher is the base with its value projections nudged, so the targets are
+    real-model targets without a teacher fine-tune (minutes) in CI.
+    """
+    from sadlora.assets import asset_path
+    from sadlora.runs import load_raw_splits
+
+    base_dir = asset_path("minilm")
+    teacher_dir = tmp_path / "nudged"
+    spec_config = DataConfig(task="embedded:stsb")
+    teacher, tokenizer = load_model(str(base_dir), load_raw_splits(spec_config)[0])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in teacher.bert.encoder.layer:
+            weight = block.attention.self.value.weight
+            weight.add_(1e-2 * torch.randn(weight.shape, generator=generator))
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    data = dict(task="embedded:stsb", train_examples=32, eval_examples=32, max_length=48)
+    extract(ExtractConfig(spectral_teacher=str(teacher_dir), base_model="asset:minilm",
+                          target_modules=["value"], rank=4, max_rank=8,
+                          calibration_examples=32, output_dir=str(tmp_path / "targets"),
+                          progress=False, **data))
+    result = distill(DistillConfig(
+        student_model="asset:minilm", teacher=None, targets=str(tmp_path / "targets"),
+        method="lora", lora_rank=4, target_modules=["value"], max_steps=3, batch_size=8,
+        progress=False, output_dir=str(tmp_path / "student"), **data))
+    scores = result["metrics"]["validation"]
+    assert set(scores) == {"pearson", "spearman"}
+    assert all(math.isfinite(v) and -1 <= v <= 1 for v in scores.values())
+    # Every adapted layer is measured against the real targets (angles in [0, 90] degrees).
+    assert len(result["layers"]) == 6
+    assert all(0 <= a <= 90 for layer in result["layers"].values() for a in layer["angles_deg"])
+    reloaded = evaluate(EvaluateConfig(adapter=str(tmp_path / "student"), merge=True, **data))
+    assert reloaded["metrics"]["validation"]["spearman"] == pytest.approx(scores["spearman"],
+                                                                          abs=1e-6)
+
+
