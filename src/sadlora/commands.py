@@ -213,7 +213,9 @@ class DistillConfig(TrainConfig):
 
     student_model: str = "asset:minilm"  # pretrained base of the student (W0)
     teacher: str | None = "runs/kd_teacher"  # KD teacher (logits); None only for method=lora
-    targets: str | None = "runs/targets"  # folder from `sadlora extract`
+    # folder from `sadlora extract`: required by the spectral methods; given to the others,
+    # only their angles to it are reported (so it is never loaded implicitly)
+    targets: str | None = None
     method: str = "sad_lora_align"  # see sadlora.methods.METHODS (seed names accepted)
     init: str | None = None  # override the method's LoRA init (ablations): spectral, gaussian, ...
     lora_rank: int = 8  # r
