@@ -188,11 +188,7 @@ def part2_rank_selection(cfg: SyntheticConfig) -> dict:
     left above tail(r) is optimisation error only.
     """
     rows = []
-    cases = [(s, c) for s in cfg.spectra for c in cfg.covariances]
-    for spectrum, cov in tqdm(cases, desc="part 2", leave=False):
-        g = _generator(cfg, "part2", spectrum, cov)
-        problem = make_problem(SPECTRA[spectrum](cfg.d_out, cfg),
-                               _population(cfg, cov, g), cfg.d_out, g)
+    for spectrum, cov, _g, problem in _problems(cfg, "part2"):
         found = [_threshold_row(problem, t) for t in cfg.energy_thresholds]
         trained = {0: 1.0}  # rank 0 (no adapter) leaves the whole energy
         for rank in sorted({r for row in found for r in (row["r_star"] - 1, row["r_star"])}):
@@ -252,14 +248,20 @@ def summarise_convergence(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _problems(cfg: SyntheticConfig, part: str):
+    """(spectrum, covariance, generator, problem) for every case of a part, with progress;
+    the generator is seeded per (part, case) and has made the problem."""
+    cases = [(s, c) for s in cfg.spectra for c in cfg.covariances]
+    for spectrum, cov in tqdm(cases, desc=part.replace("part", "part "), leave=False):
+        g = _generator(cfg, part, spectrum, cov)
+        yield spectrum, cov, g, make_problem(SPECTRA[spectrum](cfg.d_out, cfg),
+                                             _population(cfg, cov, g), cfg.d_out, g)
+
+
 def part4_grid(cfg: SyntheticConfig) -> dict:
     """ranks x methods x spectra x covariances: exact decomposition of each trained adapter."""
     rows = []
-    cases = [(s, c) for s in cfg.spectra for c in cfg.covariances]
-    for spectrum, cov in tqdm(cases, desc="part 4", leave=False):
-        g = _generator(cfg, "part4", spectrum, cov)
-        problem = make_problem(SPECTRA[spectrum](cfg.d_out, cfg),
-                               _population(cfg, cov, g), cfg.d_out, g)
+    for spectrum, cov, g, problem in _problems(cfg, "part4"):
         for rank in cfg.grid_ranks:
             init = initial_adapter(problem, rank, cfg, g)
             for run in train_adapters(problem, init, cfg.grid_methods, cfg,
