@@ -17,7 +17,7 @@ from sadlora import (
     select_ranks,
     spectral_gap,
 )
-from sadlora.spectral import brute_force_rank_allocation
+from sadlora.spectral import brute_force_rank_allocation, data_weighted_gram, sigma_factor
 
 SETTINGS = settings(max_examples=30, deadline=None)
 F64 = torch.float64
@@ -167,6 +167,41 @@ def test_three_routes_agree(d_out, d_in, n, seed):
                                    rtol=1e-10)
         torch.testing.assert_close(other.basis[:, separated], reference.basis[:, separated],
                                    atol=1e-8, rtol=0)
+
+
+@SETTINGS
+@given(st.integers(3, 12), st.integers(1, 6), st.integers(0, 1000), st.booleans())
+def test_wide_output_uses_factor_route_equal_to_eigh_of_k(d_in, extra, seed, weighted):
+    # d_out > d_in: the SVD of dW F^T (Sigma = F^T F) must match eigh of K = dW Sigma dW^T,
+    # also for a singular Sigma (fewer samples than d_in) and for Sigma = I.
+    d_out = d_in + extra
+    delta_w = randn(seed, d_out, d_in)
+    x = randn(seed + 1, max(1, d_in - 1), d_in)
+    sigma = x.T @ x / x.shape[0] if weighted else None
+    gram = data_weighted_gram(delta_w, sigma)
+    result = data_weighted_subspace(delta_w, sigma)
+    eigen = data_weighted_subspace(None, gram=gram)
+    # squared values: eigh gives sqrt(round-off) ~ 1e-7 where the SVD gives ~1e-16 for 0
+    torch.testing.assert_close(result.singular_values.square(), eigen.singular_values.square(),
+                               atol=1e-12, rtol=1e-9)
+    assert float(result.total_energy) == pytest.approx(float(torch.trace(gram)), rel=1e-12)
+    values = result.singular_values
+    rank = int((values > 1e-6 * values[0]).sum())
+    # span of the leading (nonzero) directions: the projectors agree whatever the ties
+    for top in range(1, rank + 1):
+        if top < rank and values[top - 1] - values[top] < 1e-3 * values[0]:
+            continue
+        left, right = result.basis[:, :top], eigen.basis[:, :top]
+        torch.testing.assert_close(left @ left.T, right @ right.T, atol=1e-7, rtol=0)
+
+
+def test_sigma_factor_reproduces_sigma():
+    sigma = covariance(3, 7, condition=1e4)
+    factor = sigma_factor(sigma)
+    torch.testing.assert_close(factor.T @ factor, sigma, atol=1e-12, rtol=1e-12)
+    singular = torch.outer(randn(4, 5, 1)[:, 0], randn(4, 5, 1)[:, 0])  # rank one
+    torch.testing.assert_close(sigma_factor(singular).T @ sigma_factor(singular), singular,
+                               atol=1e-12, rtol=0)
 
 
 def test_matches_svd_of_weighted_update():

@@ -28,6 +28,7 @@ __all__ = [
     "DataWeightedSubspace",
     "data_weighted_subspace",
     "data_weighted_gram",
+    "sigma_factor",
     "spectral_gap",
     "select_ranks",
     "error_decomposition",
@@ -236,6 +237,13 @@ def data_weighted_gram(delta_w: torch.Tensor, sigma: torch.Tensor | None = None)
     return dw @ sigma.to(torch.float64) @ dw.T
 
 
+def sigma_factor(sigma: torch.Tensor) -> torch.Tensor:
+    """F (d_in, d_in) in float64 with F^T F = Sigma: F = diag(sqrt(lambda)) Q^T from
+    Sigma = Q diag(lambda) Q^T (negative round-off eigenvalues clipped to 0)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(sigma.to(torch.float64))
+    return eigenvalues.clamp_min(0.0).sqrt()[:, None] * eigenvectors.T
+
+
 def _check_sigma(sigma: torch.Tensor, d_in: int) -> None:
     if sigma.shape != (d_in, d_in):
         raise ValueError(
@@ -269,6 +277,11 @@ def data_weighted_subspace(
     - ``inputs`` X (n, d_in), the calibration vectors themselves, with Sigma = X^T X / n:
       SVD of Z = dW X^T / sqrt(n) (d_out, n), the seed's "implicit SVD", cheap when n < d_in.
 
+    With ``sigma`` and d_out > d_in (e.g. an MLP up-projection), K is (d_out, d_out) but has rank
+    <= d_in, and ``eigh`` of such a rank-deficient matrix is the slow case of LAPACK's divide
+    and conquer (7 s for d_out = 1536 on one core): the SVD of Z = dW F^T with Sigma = F^T F
+    (``sigma_factor``) gives the same values and vectors for about a tenth of the cost.
+
     Args:
         k: number of leading directions kept (default: all d_out).
     """
@@ -288,8 +301,17 @@ def data_weighted_subspace(
             raise ValueError(
                 f"inputs must be (n, d_in={delta_w.shape[1]}), got {tuple(inputs.shape)}."
             )
-        n = inputs.shape[0]
-        z = delta_w.to(torch.float64) @ inputs.to(torch.float64).T / n**0.5
+        factor = inputs.to(torch.float64) / inputs.shape[0] ** 0.5  # Sigma = F^T F
+    elif gram is None and d_out > delta_w.shape[1]:  # K is rank-deficient: SVD of dW F^T
+        d_in = delta_w.shape[1]
+        if sigma is not None:
+            _check_sigma(sigma, d_in)
+        factor = (sigma_factor(sigma) if sigma is not None else
+                  torch.eye(d_in, dtype=torch.float64, device=delta_w.device))
+    else:
+        factor = None
+    if factor is not None:
+        z = delta_w.to(torch.float64) @ factor.T
         u, s, _ = torch.linalg.svd(z, full_matrices=k > min(z.shape))
         values = torch.zeros(d_out, dtype=torch.float64, device=z.device)
         values[: s.shape[0]] = s
