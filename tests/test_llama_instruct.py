@@ -25,6 +25,13 @@ def test_kept_layer_indices():
     assert kept_layer_indices(4, [3, 1]) == [1, 3]
     with pytest.raises(ValueError, match="outside"):
         kept_layer_indices(4, [4])
+    # every 5th layer dropped (4, 9, ..., 24), never the last one
+    assert kept_layer_indices(30, "drop_every:5") == [i for i in range(30)
+                                                      if i not in (4, 9, 14, 19, 24)]
+    assert kept_layer_indices(4, "drop_every:2") == [0, 2, 3]
+    for bad in ("drop_every:1", "drop_every:x", "half"):
+        with pytest.raises(ValueError, match="drop_every:N"):
+            kept_layer_indices(30, bad)
 
 
 def test_drop_layers_keeps_the_chosen_layers(tmp_path):
@@ -77,7 +84,8 @@ def test_pipeline_end_to_end_on_tiny_llama(tmp_path):
         eval_per_task=4, max_words=8, max_length=96, forgetting_texts=8,
         methods=["sad_lora_align"], lora_rank=2, learning_rate=1e-2,
         teacher_learning_rate=3e-3, num_train_epochs=2, teacher_epochs=4, batch_size=8,
-        calibration_examples=16, max_rank=4, max_new_tokens=3, bf16=False, log_level="WARNING")
+        calibration_examples=16, max_rank=4, max_new_tokens=3, bf16=False, log_level="WARNING",
+        kd_top_k=8)
     results = run_llama_instruct(config)
     models = results["models"]
     base, teacher = models["student_base (no adaptation)"], models["spectral_teacher (full FT)"]
@@ -95,6 +103,9 @@ def test_pipeline_end_to_end_on_tiny_llama(tmp_path):
     assert student["mean_alignment"] > 0.9
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["config"]["keep_layers"] == "every_other"
+    distilled = json.loads((tmp_path / "out" / "students" / "sad_lora_align" / "metrics.json")
+                           .read_text())
+    assert distilled["config"]["kd_top_k"] == 8  # the sparse KD reached the student's loss
     student, _ = load_model(str(tmp_path / "out" / "student_base"), None)
     assert student.config.num_hidden_layers == 2
     report = (tmp_path / "out" / "results.md").read_text()

@@ -254,6 +254,41 @@ def test_kd_token_level_averages_over_mask_only():
     assert float(kd_loss(student, teacher, mask=torch.zeros(2, 6))) == 0.0
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 1000))
+def test_kd_top_k_is_kl_to_the_renormalised_teacher_top_k(top_k, seed):
+    student, teacher = _randn(3, 4, 12, seed=seed), _randn(3, 4, 12, seed=seed + 1)
+    t = 2.0
+    loss = kd_loss(student, teacher, temperature=t, top_k=top_k)
+    # oracle: an explicit sum over the teacher's k best tokens of every position
+    log_q = torch.log_softmax(student / t, -1)
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    for i, j in itertools.product(range(3), range(4)):
+        best = sorted(range(12), key=lambda v: -float(teacher[i, j, v]))[:top_k]
+        p = torch.softmax(teacher[i, j, best] / t, -1)
+        expected[i, j] = t**2 * (p * (p.log() - log_q[i, j, best])).sum()
+    assert float(loss) == pytest.approx(float(expected.mean()), abs=1e-12)
+    assert float(loss) >= 0.0  # Gibbs: the student's mass outside the k tokens only adds
+    if top_k == 12:
+        assert float(loss) == pytest.approx(float(kd_loss(student, teacher, temperature=t)),
+                                            abs=1e-12)
+
+
+def test_kd_top_k_is_zero_when_the_student_keeps_only_the_teacher_top_k():
+    teacher = _randn(5, 9, seed=3)
+    kept = teacher.topk(3, dim=-1).indices
+    student = torch.full_like(teacher, -float("inf")).scatter(-1, kept, teacher.gather(-1, kept))
+    assert float(kd_loss(student, teacher, top_k=3)) == pytest.approx(0.0, abs=1e-12)
+    assert float(kd_loss(teacher, teacher, top_k=3)) > 1e-3  # full softmax leaks mass outside
+    student = teacher.clone().requires_grad_(True)
+    kd_loss(student, teacher, top_k=3).backward()
+    assert torch.isfinite(student.grad).all()
+    with pytest.raises(ValueError, match="top_k=2"):
+        kd_loss(student, teacher, kind="mse", top_k=2)
+    with pytest.raises(ValueError, match="kd_top_k=0"):
+        SADLoss(alpha=0.0, kd_top_k=0)
+
+
 def test_kd_regression_head_uses_mse_and_errors():
     student, teacher = _randn(8, 1, seed=0), _randn(8, 1, seed=1)
     assert kd_loss(student, teacher) == pytest.approx(float(F.mse_loss(student, teacher)))

@@ -41,6 +41,7 @@ from .student import (
     build_student,
     init_needs_targets,
     load_student,
+    lora_factors,
     save_student,
 )
 from .targets import build_targets, check_fingerprint, load_targets, save_targets
@@ -220,11 +221,17 @@ class DistillConfig(TrainConfig):
     init: str | None = None  # override the method's LoRA init (ablations): spectral, gaussian, ...
     lora_rank: int = 8  # r
     lora_alpha: float | None = None  # None: = r, so the LoRA scaling s = 1
+    # true: each layer's LoRA rank is its target's rank (the r*(eps) of `sadlora extract
+    # energy_threshold=...`); needs targets. The scaling stays s = lora_alpha / lora_rank (1 by
+    # default) for every layer; lora_rank is otherwise unused.
+    rank_from_targets: bool = False
     lora_dropout: float = 0.05
     target_modules: list = field(default_factory=lambda: ["query", "value"])
     alpha_align: float = 1.0  # weight of L_align (methods that align)
     beta_coeff: float = 0.0  # weight of L_coeff (sad_lora, sad_lora_coeff need > 0)
     kd_temperature: float = 4.0
+    # KL to the teacher's k most likely tokens only (renormalised): sparse KD for large vocabularies
+    kd_top_k: int | None = None
     align_kind: str = "projection"  # projection (the seed's) or energy (basis-invariant)
     schedule: str = "adaptive"  # adaptive or fixed
     coeff_warmup_steps: int = 0  # beta_t = 0 for this many optimizer steps
@@ -299,6 +306,11 @@ def distill(config: DistillConfig) -> dict:
     set_seed(config.seed)
     name, method = resolve_method(config.method)
     alpha, beta, kd_weight = _loss_weights(config)
+    if config.rank_from_targets and config.targets is None:
+        raise ValueError("rank_from_targets=true takes each layer's LoRA rank from the spectral "
+                         "targets: set targets=<folder from `sadlora extract`, e.g. with "
+                         "energy_threshold=0.9 rank=null>, or set rank_from_targets=false to "
+                         "give every layer lora_rank.")
     raw = load_raw_splits(config)
     base, tokenizer = load_model(config.student_model, raw[0])
     check_finite_weights(base, f"student_model {config.student_model!r}")
@@ -316,17 +328,21 @@ def distill(config: DistillConfig) -> dict:
     student = build_student(base, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
                             lora_dropout=config.lora_dropout,
                             target_modules=config.target_modules, init=init,
-                            targets=targets if trains_on_targets else None)
+                            targets=targets if trains_on_targets else None,
+                            layer_ranks=targets.ranks if config.rank_from_targets else None)
     adapted = adapted_module_names(student)
+    # The LoRA rank of every adapted layer, read from the student (one value unless
+    # rank_from_targets).
+    ranks = {n: b.shape[1] for n, (b, _) in lora_factors(student).items()}
     teacher_signal = _teacher_signal(config, raw, data.problem_type, base) if kd_weight else {}
     alignment_targets = None
     if trains_on_targets:
         layers = {n: targets.layers[n] for n in adapted}
-        alignment_targets = AlignmentTargets(layers, config.lora_rank)
+        alignment_targets = AlignmentTargets(layers, {n: ranks[n] for n in adapted})
     sad_loss = SADLoss(alignment_targets, alpha=alpha, beta=beta, align_kind=config.align_kind,
                        schedule=config.schedule, warmup_steps=config.coeff_warmup_steps,
                        kd_temperature=config.kd_temperature, task_weight=config.task_weight,
-                       kd_weight=kd_weight, kd_kind=method.kd or "kl",
+                       kd_weight=kd_weight, kd_kind=method.kd or "kl", kd_top_k=config.kd_top_k,
                        scaling=(config.lora_alpha or config.lora_rank) / config.lora_rank)
     output = Path(config.output_dir)
     callbacks = []
@@ -342,7 +358,7 @@ def distill(config: DistillConfig) -> dict:
     report = layer_report(student, targets) if targets is not None else {}
     result = {
         "method": name, "task": config.task, "lora_rank": config.lora_rank,
-        "seed": config.seed, "metrics": metrics, "primary_metric": data.primary_metric,
+        "layer_ranks": ranks, "seed": config.seed, "metrics": metrics, "primary_metric": data.primary_metric,
         "seconds": round(time.time() - started, 1),
         "mean_alignment": (sum(r["alignment"] for r in report.values()) / len(report)
                            if report else None),

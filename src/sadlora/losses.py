@@ -95,6 +95,19 @@ def _kl_per_position(student: torch.Tensor, teacher: torch.Tensor, temperature: 
     return temperature**2 * kl
 
 
+def _top_k_kl_per_position(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                           top_k: int) -> torch.Tensor:
+    """T^2 KL(p_T^k || softmax(z_S/T)) per position, p_T^k = the teacher's softmax restricted to
+    its top-k logits and renormalised; the student keeps its full-vocabulary softmax. Equals
+    ``_kl_per_position`` when k covers the support; >= 0 (Gibbs), 0 iff the student puts all
+    its mass on those k tokens in the teacher's proportions."""
+    values, indices = teacher.topk(top_k, dim=-1)
+    teacher_probs = F.softmax(values / temperature, dim=-1)
+    log_student = F.log_softmax(student / temperature, dim=-1).gather(-1, indices)
+    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
+    return temperature**2 * kl
+
+
 def _mse_per_position(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
     """Mean squared logit difference per position (the temperature does not apply)."""
     return (student - teacher).square().mean(-1)
@@ -128,6 +141,7 @@ def kd_loss(
     temperature: float = 4.0,
     kind: str = "kl",
     mask: torch.Tensor | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Distillation loss L_KD, a scalar.
 
@@ -139,10 +153,16 @@ def kd_loss(
             one class is constant, so KL would be identically 0.
         mask: optional (...) = logits.shape[:-1]; only positions where it is nonzero count
             (padding and ignored tokens of a language model never enter the average).
+        top_k: ``kind="kl"`` only: match the teacher's k most likely tokens (renormalised) with
+            the student's full softmax, the usual sparse KD of large vocabularies
+            (``_top_k_kl_per_position``); None or k >= C is the full KL.
 
     The teacher is a fixed target: its logits are detached.
     """
     _check_choice(kind, KD_LOSSES, "kd kind")
+    if top_k is not None and (kind != "kl" or top_k < 1):
+        raise ValueError(f"kd top_k={top_k}: a positive number of teacher tokens, with "
+                         f"kind='kl' (got kind={kind!r}); use top_k=None for the full loss.")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -155,6 +175,9 @@ def kd_loss(
         kind = "mse"
     with _no_autocast(student_logits):
         student, teacher = _upcast(student_logits, teacher_logits.detach())
+        if kind == "kl" and top_k is not None and top_k < student.shape[-1]:
+            return _masked_mean(_top_k_kl_per_position(student, teacher, temperature, top_k),
+                                mask)
         return _masked_mean(KD_LOSSES[kind](student, teacher, temperature), mask)
 
 
@@ -598,6 +621,7 @@ class SADLoss(torch.nn.Module):
             alpha_t = alpha p_t, beta_t = beta (1 - p_t); ``"fixed"``: alpha_t = alpha,
             beta_t = beta. Either way beta_t = 0 while step < warmup_steps.
         kd_temperature, kd_kind: see ``kd_loss``. task_weight, kd_weight: w_task, w_kd.
+        kd_top_k: KL to the teacher's top-k tokens only (``kd_loss``'s ``top_k``; kl only).
         scaling: the LoRA scaling s of the coefficient loss.
     """
 
@@ -614,6 +638,7 @@ class SADLoss(torch.nn.Module):
         kd_kind: str = "kl",
         task_weight: float = 1.0,
         kd_weight: float = 1.0,
+        kd_top_k: int | None = None,
         scaling: float = 1.0,
     ) -> None:
         super().__init__()
@@ -627,6 +652,9 @@ class SADLoss(torch.nn.Module):
                 raise ValueError(f"{field} must be a finite number >= 0, got {value}.")
         if not kd_temperature > 0:
             raise ValueError(f"kd_temperature must be positive, got {kd_temperature}.")
+        if kd_top_k is not None and (kd_kind != "kl" or kd_top_k < 1):
+            raise ValueError(f"kd_top_k={kd_top_k} needs kd_kind='kl' and k >= 1 (got "
+                             f"kd_kind={kd_kind!r}); set kd_top_k=None for the full loss.")
         if targets is None and (alpha > 0 or beta > 0):
             raise ValueError(
                 f"alpha={alpha}, beta={beta} need spectral targets; pass an AlignmentTargets "
@@ -643,6 +671,7 @@ class SADLoss(torch.nn.Module):
         self.warmup_steps = int(warmup_steps)
         self.kd_temperature, self.kd_kind = float(kd_temperature), kd_kind
         self.task_weight, self.kd_weight = float(task_weight), float(kd_weight)
+        self.kd_top_k = kd_top_k
         self.scaling = float(scaling)
 
     def forward(
@@ -689,7 +718,7 @@ class SADLoss(torch.nn.Module):
             student_logits, teacher_logits, mask = _next_token_positions(
                 student_logits, teacher_logits, labels, mask)
         return kd_loss(student_logits, teacher_logits, temperature=self.kd_temperature,
-                       kind=kind, mask=mask)
+                       kind=kind, mask=mask, top_k=self.kd_top_k if kind == "kl" else None)
 
     def _task(self, student_logits, labels, problem_type) -> torch.Tensor:
         if labels is None:

@@ -58,7 +58,8 @@ class LlamaInstructConfig(BaseConfig):
     output_dir: str = "outputs/llama_instruct"
     base_model: str = "asset:smollm2"  # the student is this with layers dropped
     kd_teacher: str = "asset:smollm2"  # logits teacher (same tokenizer / vocabulary)
-    keep_layers: str | list = "every_other"  # "every_other", "all" or a list of layer indices
+    # "all", "every_other", "drop_every:N" (every N-th layer but the last) or a list of indices
+    keep_layers: str | list = "drop_every:5"
     finetune_kd_teacher: bool = True  # fine-tune kd_teacher on the task before distilling
     tasks: list = field(default_factory=lambda: ["rotten_tomatoes", "stsb"])
     train_per_task: int = 200  # training instructions per task
@@ -77,6 +78,7 @@ class LlamaInstructConfig(BaseConfig):
     alpha_align: float = 1.0
     beta_coeff: float = 0.0  # > 0 only for sad_lora / sad_lora_coeff
     kd_temperature: float = 2.0
+    kd_top_k: int | None = None  # KL to the teacher's k most likely tokens only (None: full)
     calibration_examples: int = 128  # instructions streamed for Sigma
     max_rank: int = 32  # target directions stored per layer
     max_new_tokens: int = 6  # greedy tokens generated per answer
@@ -90,13 +92,27 @@ class LlamaInstructConfig(BaseConfig):
 
 
 def kept_layer_indices(num_layers: int, keep: str | list) -> list[int]:
-    """Indices of the decoder layers kept: every other (0, 2, 4, ...), all, or a given list."""
+    """Indices of the decoder layers kept.
+
+    ``"all"``; ``"every_other"`` (0, 2, 4, ...); ``"drop_every:N"``: drop every N-th layer
+    (N-1, 2N-1, ...) but never the last one, spreading the removed layers over the depth
+    (removing consecutive layers, or the last, breaks a small model far more; see
+    docs/llama_instruct_results.md); or an explicit list of indices.
+    """
     if keep == "every_other":
         return list(range(0, num_layers, 2))
     if keep == "all":
         return list(range(num_layers))
+    if isinstance(keep, str) and keep.startswith("drop_every:"):
+        step = keep.split(":", 1)[1]
+        if not step.isdigit() or int(step) < 2:
+            raise ValueError(f"keep_layers={keep!r}: N of 'drop_every:N' must be an integer "
+                             f">= 2, e.g. 'drop_every:5'.")
+        return [i for i in range(num_layers)
+                if (i + 1) % int(step) != 0 or i == num_layers - 1]
     if isinstance(keep, str) or not keep:
-        raise ValueError(f"keep_layers={keep!r}: use 'every_other', 'all' or a list of indices.")
+        raise ValueError(f"keep_layers={keep!r}: use 'all', 'every_other', 'drop_every:N' or "
+                         f"a list of indices.")
     indices = sorted({int(i) for i in keep})
     if indices[0] < 0 or indices[-1] >= num_layers:
         raise ValueError(f"keep_layers {indices} outside [0, {num_layers - 1}].")
@@ -211,7 +227,8 @@ def _distill(config, root: Path, student_base: Path, teachers: dict, method: str
         student_model=str(student_base), teacher=teachers["kd_teacher"],
         targets=teachers["targets"], method=method, lora_rank=config.lora_rank,
         target_modules=list(config.target_modules), alpha_align=config.alpha_align,
-        beta_coeff=config.beta_coeff,        kd_temperature=config.kd_temperature, learning_rate=config.learning_rate,
+        beta_coeff=config.beta_coeff, kd_temperature=config.kd_temperature,
+        kd_top_k=config.kd_top_k, learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs, teacher_bf16=config.bf16, monitor_every=0,
         **_train_common(config, root / "students" / method)))
 
