@@ -1,6 +1,7 @@
 """The instruction experiment end to end on a tiny random Llama (no download), plus its parts:
 layer dropping, templated data with masked prompts, exact match by greedy generation."""
 
+import dataclasses
 import json
 import math
 
@@ -111,3 +112,12 @@ def test_pipeline_end_to_end_on_tiny_llama(tmp_path):
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| sad_lora_align |" in report and "ppl ratio" in report
     assert set(results["stage_seconds"]) >= {"spectral_teacher", "extract", "distill_sad_lora_align"}
+    # A second call resumes: teachers, targets and students are reused, the results equal.
+    again = run_llama_instruct(config)
+    assert again["stage_seconds"]["distill_sad_lora_align"] == \
+        results["stage_seconds"]["distill_sad_lora_align"]
+    assert again["models"]["sad_lora_align"]["response_perplexity"] == pytest.approx(
+        models["sad_lora_align"]["response_perplexity"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['lora_rank'\]"):
+        run_llama_instruct(dataclasses.replace(config, lora_rank=4))
+

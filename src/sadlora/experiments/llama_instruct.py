@@ -21,6 +21,7 @@ ships in a package (ASSETS.md), SmolLM2-135M-Instruct; with a hub the same confi
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,27 +198,51 @@ def _train_common(config: LlamaInstructConfig, output_dir: Path) -> dict:
                 logging_steps=5)
 
 
+def _done(folder: Path, marker: str) -> bool:
+    """A stage whose output folder holds its last-written file is not run again (resume)."""
+    if (folder / marker).exists():
+        log.info("resume: %s exists, stage skipped", folder / marker)
+        return True
+    return False
+
+
+def _check_resumable(config: LlamaInstructConfig, root: Path) -> None:
+    """Refuse to mix stages of two different configurations in one output_dir."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("log_level", "progress")}
+    path = root / "experiment_config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | saved.keys()
+                         if settings.get(k) != saved.get(k))
+        if changed:
+            raise ValueError(f"output_dir {str(root)!r} holds a run of another configuration "
+                             f"(differs in {changed}); use a new output_dir or delete it.")
+    else:
+        write_json(settings, path)
+
+
 def _teachers(config: LlamaInstructConfig, root: Path, student_base: Path, timer) -> dict:
-    kd_teacher = config.kd_teacher
-    if config.finetune_kd_teacher:
+    kd_teacher = str(root / "kd_teacher") if config.finetune_kd_teacher else config.kd_teacher
+    if config.finetune_kd_teacher and not _done(root / "kd_teacher", "metrics.json"):
         with timer("kd_teacher"):
             prepare_teacher(TeacherConfig(
                 model=config.kd_teacher, learning_rate=config.teacher_learning_rate,
                 num_train_epochs=config.teacher_epochs,
                 **_train_common(config, root / "kd_teacher")))
-        kd_teacher = str(root / "kd_teacher")
-    with timer("spectral_teacher"):
-        prepare_teacher(TeacherConfig(
-            model=str(student_base), learning_rate=config.teacher_learning_rate,
-            num_train_epochs=config.teacher_epochs,
-            **_train_common(config, root / "spectral_teacher")))
-    with timer("extract"):
-        extract(ExtractConfig(
-            spectral_teacher=str(root / "spectral_teacher"), base_model=str(student_base),
-            target_modules=list(config.target_modules), output_dir=str(root / "targets"),
-            max_rank=config.max_rank, rank=config.lora_rank,
-            calibration_examples=config.calibration_examples, calibration_batch_size=8,
-            progress=config.progress, **_data_config(config).__dict__))
+    if not _done(root / "spectral_teacher", "metrics.json"):
+        with timer("spectral_teacher"):
+            prepare_teacher(TeacherConfig(
+                model=str(student_base), learning_rate=config.teacher_learning_rate,
+                num_train_epochs=config.teacher_epochs,
+                **_train_common(config, root / "spectral_teacher")))
+    if not _done(root / "targets", "done.json"):
+        with timer("extract"):
+            extract(ExtractConfig(
+                spectral_teacher=str(root / "spectral_teacher"), base_model=str(student_base),
+                target_modules=list(config.target_modules), output_dir=str(root / "targets"),
+                max_rank=config.max_rank, rank=config.lora_rank,
+                calibration_examples=config.calibration_examples, calibration_batch_size=8,
+                progress=config.progress, **_data_config(config).__dict__))
     return {"kd_teacher": kd_teacher, "spectral_teacher": str(root / "spectral_teacher"),
             "targets": str(root / "targets")}
 
@@ -234,10 +259,13 @@ def _distill(config, root: Path, student_base: Path, teachers: dict, method: str
 
 
 class _Timer:
-    """Context-manager factory recording wall seconds per stage into ``seconds``."""
+    """Context-manager factory recording wall seconds per stage into ``seconds``, kept in
+    ``path`` so that a resumed run still reports the stages an earlier call ran."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = (json.loads(path.read_text()) if path.exists()
+                                          else {})
 
     def __call__(self, name: str):
         timer = self
@@ -250,6 +278,8 @@ class _Timer:
             def __exit__(self, *exc):
                 timer.seconds[name] = round(time.time() - self.started, 1)
                 log.info("stage %s: %.1f s", name, timer.seconds[name])
+                if exc[0] is None:
+                    write_json(timer.seconds, timer.path)
 
         return _Stage()
 
@@ -257,12 +287,15 @@ class _Timer:
 def run_llama_instruct(config: LlamaInstructConfig) -> dict:
     """Run the whole experiment; writes results.json and results.md to ``output_dir``."""
     setup_logging(config.log_level)
-    started, timer, root = time.time(), _Timer(), Path(config.output_dir)
+    started, root = time.time(), Path(config.output_dir)
     for method in config.methods:
         resolve_method(method)  # a ValueError naming the valid methods, before any training
     rows = load_instruction_task("instruct:templated", **_task_options(config))["validation"]
     texts = stsb_sentences("test", config.forgetting_texts)
-    with timer("student_base"):
+    root.mkdir(parents=True, exist_ok=True)
+    _check_resumable(config, root)
+    timer = _Timer(root / "stage_seconds.json")
+    with timer("student_base"):  # 1 s, deterministic: rebuilt on resume too
         student_base = drop_layers(config.base_model, root / "student_base", config.keep_layers)
     teachers = _teachers(config, root, student_base, timer)
     models: dict[str, dict] = {}
@@ -274,8 +307,12 @@ def run_llama_instruct(config: LlamaInstructConfig) -> dict:
             teachers["spectral_teacher"], config, rows, texts)
     runs = {}
     for method in config.methods:
-        with timer(f"distill_{method}"):
-            runs[method] = _distill(config, root, student_base, teachers, method)
+        metrics = root / "students" / method / "metrics.json"
+        if _done(metrics.parent, metrics.name):
+            runs[method] = json.loads(metrics.read_text())
+        else:
+            with timer(f"distill_{method}"):
+                runs[method] = _distill(config, root, student_base, teachers, method)
         with timer(f"evaluate_{method}"):
             models[method] = _evaluate_folder(str(student_base), config, rows, texts,
                                               adapter=root / "students" / method)
