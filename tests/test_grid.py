@@ -101,6 +101,24 @@ def test_aggregate_mean_and_sample_std_over_seeds():
     assert stat["n"] == 3 and row["seeds"] == [0, 1, 2]
 
 
+def test_rank_column_shows_per_layer_ranks_from_the_targets():
+    from sadlora.experiments.grid_report import render_markdown
+
+    layer_ranks = {"reference": {"q": 8, "v": 8}, "energy_eps": {"a": 2, "b": 14, "c": 3, "d": 7},
+                   "written_before_layer_ranks": None}
+    runs = [{"task": "t", "variant": variant, "method": "sad_lora_align", "rank": 8, "seed": seed,
+             "metrics": {"validation": {"accuracy": 0.8}}, "primary_metric": "accuracy",
+             "mean_alignment": 0.9, "seconds": 1.0, "layer_ranks": ranks}
+            for variant, ranks in layer_ranks.items() for seed in (0, 1)]
+    del runs[-1]["layer_ranks"]  # a metrics.json of an older run has no such key
+    rows = {row["variant"]: row for row in aggregate(runs)}
+    assert rows["energy_eps"]["layer_ranks"] == {"mean": 6.5, "min": 2, "max": 14}
+    markdown = render_markdown([], list(rows.values()), ["validation"])
+    assert "| reference | 8 | 2 |" in markdown
+    assert "| energy_eps | 6.5 (2-14) | 2 |" in markdown
+    assert "| written_before_layer_ranks | 8 | 2 |" in markdown
+
+
 def test_changed_settings_are_not_silently_reused(config):
     config.methods = ["lora"]
     config.ranks = [2]

@@ -357,8 +357,8 @@ def distill(config: DistillConfig) -> dict:
     metrics = _evaluate_splits(student, data, config)
     report = layer_report(student, targets) if targets is not None else {}
     result = {
-        "method": name, "task": config.task, "lora_rank": config.lora_rank,
-        "layer_ranks": ranks, "seed": config.seed, "metrics": metrics, "primary_metric": data.primary_metric,
+        "method": name, "task": config.task, "lora_rank": config.lora_rank, "layer_ranks": ranks,
+        "seed": config.seed, "metrics": metrics, "primary_metric": data.primary_metric,
         "seconds": round(time.time() - started, 1),
         "mean_alignment": (sum(r["alignment"] for r in report.values()) / len(report)
                            if report else None),

@@ -1,7 +1,9 @@
 """The LoRA student: a stock PEFT LoRA model, initialised from spectral targets (DESIGN.md §1).
 
 Each adapted linear layer computes ``y = W0 x + s B A x`` with B (d_out, r), A (r, d_in) and
-s = lora_alpha / r (lora_alpha = r by default, so s = 1). The adapter is PEFT's own
+s = lora_alpha / r (lora_alpha = r by default, so s = 1). The rank r may differ per layer
+(``layer_ranks``, e.g. the r*(eps) of the targets; PEFT ``rank_pattern``), the scaling s is
+one for all layers (``alpha_pattern`` = s r_l). The adapter is PEFT's own
 (``LoraConfig`` + ``get_peft_model``); this module only chooses the configuration, writes the
 initial B and A into PEFT's ``lora_B`` / ``lora_A`` weights, and reads the live factors back for
 the losses. The result saves and loads with plain ``save_pretrained`` / ``PeftModel.from_pretrained``
@@ -31,7 +33,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,25 +262,56 @@ def _matched_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Linea
     return matched
 
 
-def _check_rank_fits(modules: dict[str, nn.Linear], rank: int) -> None:
-    """A rank above min(d_out, d_in) has no low-rank meaning and breaks the spectral inits."""
-    too_small = {
-        name: tuple(m.weight.shape)
-        for name, m in modules.items()
-        if rank > min(m.out_features, m.in_features)
-    }
-    if too_small:
+def _module_ranks(
+    modules: dict[str, nn.Linear], lora_rank: int, layer_ranks: Mapping[str, int] | None
+) -> dict[str, int]:
+    """The LoRA rank of every adapted module: ``lora_rank``, or its entry in ``layer_ranks``.
+
+    ``layer_ranks`` must name every adapted module (a layer silently falling back to lora_rank
+    would change an ablation without a trace); entries of modules that are not adapted are
+    ignored, as their targets are.
+    """
+    if layer_ranks is None:
+        return dict.fromkeys(modules, lora_rank)
+    missing = [name for name in modules if name not in layer_ranks]
+    if missing:
         raise ValueError(
-            f"lora_rank={rank} exceeds min(d_out, d_in) of adapted layer(s) "
-            f"{too_small} (weight shapes (d_out, d_in)). Use lora_rank <= "
-            f"{min(min(s) for s in too_small.values())} or do not adapt these layers."
+            f"layer_ranks gives no rank for adapted module(s) {missing}; it covers "
+            f"{sorted(layer_ranks)[:5]}... Give a rank for every adapted module (targets "
+            "extracted for these layers), or narrow target_modules."
         )
+    bad = {name: layer_ranks[name] for name in modules
+           if isinstance(layer_ranks[name], bool)
+           or not isinstance(layer_ranks[name], numbers.Integral) or layer_ranks[name] < 1}
+    if bad:
+        raise ValueError(f"layer_ranks must be positive integers, got {bad}.")
+    ignored = sorted(set(layer_ranks) - set(modules))
+    if ignored:
+        logger.info("Ignoring layer_ranks of %d module(s) that are not adapted: %s",
+                    len(ignored), ignored)
+    return {name: int(layer_ranks[name]) for name in modules}
+
+
+def _rank_label(rank: int, per_layer: bool) -> str:
+    return f"layer rank {rank}" if per_layer else f"lora_rank={rank}"
+
+
+def _check_rank_fits(modules: dict[str, nn.Linear], ranks: dict[str, int], per_layer: bool) -> None:
+    """A rank above min(d_out, d_in) has no low-rank meaning and breaks the spectral inits."""
+    for name, m in modules.items():
+        if ranks[name] > min(m.out_features, m.in_features):
+            raise ValueError(
+                f"{_rank_label(ranks[name], per_layer)} exceeds min(d_out, d_in) of adapted "
+                f"layer {name!r} (weight shape (d_out, d_in) = {tuple(m.weight.shape)}). Use a "
+                f"rank <= {min(m.out_features, m.in_features)} or do not adapt this layer."
+            )
 
 
 def _layer_targets(
-    modules: dict[str, nn.Linear], targets: SpectralTargets | None, rank: int, init: str
+    modules: dict[str, nn.Linear], targets: SpectralTargets | None, ranks: dict[str, int],
+    init: str, per_layer: bool,
 ) -> dict[str, LayerTarget]:
-    """The target of every adapted module, validated against the module and the rank."""
+    """The target of every adapted module, validated against the module and its rank."""
     if targets is None:
         raise ValueError(
             f"init={init!r} needs spectral targets (the basis U_r of each adapted layer); got "
@@ -294,11 +330,13 @@ def _layer_targets(
         logger.info("Ignoring targets of %d module(s) that are not adapted: %s", len(ignored), ignored)
     chosen = {name: targets.layers[name] for name in modules}
     for name, target in chosen.items():
-        _check_target(name, target, modules[name], rank)
+        _check_target(name, target, modules[name], ranks[name], per_layer)
     return chosen
 
 
-def _check_target(name: str, target: LayerTarget, module: nn.Linear, rank: int) -> None:
+def _check_target(
+    name: str, target: LayerTarget, module: nn.Linear, rank: int, per_layer: bool
+) -> None:
     d_out, k = target.basis.shape
     if d_out != module.out_features:
         raise ValueError(
@@ -308,9 +346,9 @@ def _check_target(name: str, target: LayerTarget, module: nn.Linear, rank: int) 
         )
     if rank > k:
         raise ValueError(
-            f"lora_rank={rank} exceeds the {k} basis vectors stored in the target of {name!r}. "
-            f"Use lora_rank <= {k}, or re-extract the targets keeping at least {rank} directions "
-            "(a larger r_max)."
+            f"{_rank_label(rank, per_layer)} exceeds the {k} basis vectors stored in the target "
+            f"of {name!r}. Use a rank <= {k}, or re-extract the targets keeping at least {rank} "
+            "directions (a larger r_max)."
         )
 
 
@@ -362,19 +400,24 @@ def lora_factors(
 
 
 def lora_scaling(model: nn.Module, adapter_name: str = "default") -> float:
-    """The LoRA scaling s = lora_alpha / r, which the losses need; equal across layers."""
+    """The LoRA scaling s = lora_alpha / r, which the losses need; equal across layers.
+
+    Ranks may differ per layer (a ``rank_pattern``) as long as ``alpha_pattern`` keeps
+    lora_alpha_l / r_l the same: equal up to the round-off of that division (relative 1e-9).
+    """
     scalings = {
         name: float(layer.scaling[adapter_name])
         for name, layer in _lora_layers(model, adapter_name).items()
     }
-    distinct = sorted(set(scalings.values()))
-    if len(distinct) > 1:
+    first = next(iter(scalings.values()))
+    if any(not math.isclose(value, first, rel_tol=1e-9) for value in scalings.values()):
         raise ValueError(
-            f"Adapter {adapter_name!r} has different scalings per layer {scalings} (from a "
-            "rank_pattern/alpha_pattern). SAD-LoRA assumes one scaling; use one lora_rank and "
-            "lora_alpha for all layers."
+            f"Adapter {adapter_name!r} has different scalings per layer {scalings} (a "
+            "rank_pattern without the matching alpha_pattern?). SAD-LoRA assumes one scaling "
+            "s = lora_alpha / r: give each layer lora_alpha_l = s * r_l (build_student with "
+            "layer_ranks does), or use one lora_rank and lora_alpha for all layers."
         )
-    return distinct[0]
+    return first
 
 
 def adapted_module_names(model: nn.Module, adapter_name: str = "default") -> list[str]:
@@ -415,6 +458,7 @@ def build_student(
     init: str = "gaussian",
     targets: SpectralTargets | None = None,
     modules_to_save: Sequence[str] | None = None,
+    layer_ranks: Mapping[str, int] | None = None,
 ) -> PeftModel:
     """Wrap ``base_model`` in a PEFT LoRA adapter and initialise it (DESIGN.md §1).
 
@@ -422,8 +466,9 @@ def build_student(
                      Sequence classification/regression models get task type SEQ_CLS (the
                      head is trainable and saved with the adapter), causal LMs CAUSAL_LM,
                      anything else a plain PeftModel.
-    lora_rank:       r, the same for every adapted layer.
-    lora_alpha:      None means r, i.e. scaling s = lora_alpha / r = 1.
+    lora_rank:       r, the same for every adapted layer unless ``layer_ranks`` is given.
+    lora_alpha:      None means r, i.e. scaling s = lora_alpha / r = 1. With ``layer_ranks``
+                     the scaling stays s = lora_alpha / lora_rank for every layer.
     target_modules:  PEFT's target_modules (list of name suffixes, a regex, or "all-linear");
                      must match nn.Linear layers only.
     init:            one of ``INITIALISERS``: gaussian | spectral | spectral_full | pissa |
@@ -431,8 +476,14 @@ def build_student(
     targets:         needed by the spectral inits: a target for every adapted module with at
                      least r basis vectors (``delta_w`` too for spectral_full). Targets of
                      modules that are not adapted are ignored. ``LayerTarget.rank`` (the rank
-                     selected for that layer) is not used: the LoRA rank is one r for all.
+                     selected for that layer) is only used when passed as ``layer_ranks``.
     modules_to_save: extra modules trained in full and saved with the adapter.
+    layer_ranks:     {base module name: r_l} for every adapted module (e.g.
+                     ``SpectralTargets.ranks``, the r*(eps) of each layer): per-layer LoRA
+                     ranks through PEFT's ``rank_pattern``, with ``alpha_pattern`` =
+                     s * r_l so that the scaling s is one for all layers (the losses assume
+                     it). The spectral inits then use each layer's own r_l. ``lora_rank``
+                     stays PEFT's default ``r`` (unused: every adapted module has an entry).
 
     Every user error raises ValueError before the base model is modified.
     """
@@ -451,17 +502,24 @@ def build_student(
         modules_to_save=_modules_to_save(base_model, task_type, modules_to_save),
     )
     modules = _matched_modules(base_model, config)
-    _check_rank_fits(modules, lora_rank)
+    ranks = _module_ranks(modules, lora_rank, layer_ranks)
+    _check_rank_fits(modules, ranks, per_layer=layer_ranks is not None)
     pooler = _trainable_pooler(base_model, task_type, modules)
     if pooler:
         config.modules_to_save = [*(config.modules_to_save or []), pooler]
+    scaling = alpha / lora_rank
+    if layer_ranks is not None:
+        # PEFT matches pattern keys as regexes against the module name: escaped full names
+        # match exactly their own module. alpha_l = s r_l keeps alpha_l / r_l = s everywhere.
+        config.rank_pattern = {re.escape(name): r for name, r in ranks.items()}
+        config.alpha_pattern = {re.escape(name): scaling * r for name, r in ranks.items()}
 
     factors: dict[str, Factors] = {}
     if initialiser.needs_targets:
-        scaling = alpha / lora_rank
-        for name, target in _layer_targets(modules, targets, lora_rank, init).items():
+        chosen = _layer_targets(modules, targets, ranks, init, per_layer=layer_ranks is not None)
+        for name, target in chosen.items():
             factors[name] = initialiser.factors(
-                name, target, lora_rank, scaling, modules[name].in_features
+                name, target, ranks[name], scaling, modules[name].in_features
             )
     elif targets is not None:
         logger.info("init=%r does not use the spectral targets; they are ignored here.", init)
@@ -476,9 +534,10 @@ def build_student(
     _dedupe_modules_to_save(model.peft_config["default"])
     _write_factors(model, factors, adapter_name="default")
     logger.info(
-        "Built LoRA student: init=%s, r=%d, alpha=%g, %d adapted modules, task_type=%s, "
+        "Built LoRA student: init=%s, r=%s, scaling=%g, %d adapted modules, task_type=%s, "
         "modules_to_save=%s",
-        init, lora_rank, alpha, len(modules), task_type, config.modules_to_save,
+        init, lora_rank if layer_ranks is None else sorted(set(ranks.values())), scaling,
+        len(modules), task_type, config.modules_to_save,
     )
     return model
 

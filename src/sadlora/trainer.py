@@ -177,7 +177,8 @@ class SpectralMonitorCallback(TrainerCallback):
 
 @torch.no_grad()
 def layer_report(model, targets: SpectralTargets) -> dict[str, dict]:
-    """Per-layer alignment, principal angles and adapter singular values of a LoRA model."""
+    """Per-layer LoRA rank r_l, alignment, principal angles (r_l of them, to span(U_{r_l})) and
+    adapter singular values of a LoRA model; the ranks may differ across layers."""
     scaling = lora_scaling(model)
     report = {}
     for name, (b, a) in lora_factors(model).items():
@@ -191,6 +192,7 @@ def layer_report(model, targets: SpectralTargets) -> dict[str, dict]:
         if target.sigma is not None:
             update = update @ _psd_sqrt(target.sigma).to(update)
         report[name] = {
+            "rank": rank,  # this layer's LoRA rank (per-layer with rank_from_targets)
             "alignment": float(torch.cos(angles).square().mean()),
             "angles_deg": torch.rad2deg(angles).tolist(),
             "adapter_singular_values": torch.linalg.svdvals(update)[:rank].tolist(),

@@ -11,8 +11,11 @@ targets once per extraction setting, computes the teacher logits once (the cache
 
 A variant is a method plus config overrides (``{"method": "sad_lora", "beta_coeff": 0.1}``);
 the method names alone are the default variants. ``extract:`` overrides inside a variant select
-other targets (ablations of the calibration). A complete step is skipped on a re-run; an
-incomplete one (no marker) is redone, resuming from its last Trainer checkpoint when it saved one.
+other targets (ablations of the calibration). A variant with ``rank_from_targets: true`` gives
+each layer its target's rank (with ``extract: {energy_threshold: ..., rank: null}``, r*(eps)); its
+folder keeps the grid's r<rank>, the report shows the mean and range of the layer ranks.
+A complete step is skipped on a re-run; an incomplete one (no marker) is redone, resuming from
+its last Trainer checkpoint when it saved one.
 Model selection: none; every run reports its final weights on the reported splits.
 """
 
@@ -310,5 +313,7 @@ def collect_results(config: GridConfig) -> dict:
                                      "rank": rank, "seed": seed, "metrics": data["metrics"],
                                      "primary_metric": data["primary_metric"],
                                      "mean_alignment": data["mean_alignment"],
+                                     # absent from runs written before it was recorded
+                                     "layer_ranks": data.get("layer_ranks"),
                                      "layers": data["layers"], "seconds": data["seconds"]})
     return {"teachers": teachers, "runs": runs}

@@ -1,9 +1,10 @@
 """Aggregate tables and figures of a distillation grid (``grid.run_grid``).
 
 Per task, per (variant, rank): mean +- sample std over seeds of every metric of every reported
-split, and of the mean alignment. Writes ``<name>.json``, ``<name>.md``,
-``<name>_metric_vs_rank.png`` and ``<name>_principal_angles.png`` into the grid's output folder
-(``name`` = ``GridConfig.report_name``).
+split, and of the mean alignment. The rank column is the grid's rank, or "mean (min-max)" of the
+per-layer LoRA ranks when a run's layers have other ranks (``rank_from_targets``). Writes
+``<name>.json``, ``<name>.md``, ``<name>_metric_vs_rank.png`` and ``<name>_principal_angles.png``
+into the grid's output folder (``name`` = ``GridConfig.report_name``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,27 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
+def _layer_rank_summary(members: list[dict]) -> dict | None:
+    """{mean, min, max} of the per-layer LoRA ranks of a row's runs (pooled over seeds), or None
+    when none recorded them (runs written before ``layer_ranks`` was)."""
+    ranks = [r for member in members for r in (member.get("layer_ranks") or {}).values()]
+    if not ranks:
+        return None
+    return {"mean": statistics.fmean(ranks), "min": min(ranks), "max": max(ranks)}
+
+
+def _rank_text(rank: int, layer_ranks: dict | None) -> str:
+    """The grid rank, or the per-layer ranks "6.5 (2-14)" when they are not all that rank."""
+    if not layer_ranks or layer_ranks["min"] == layer_ranks["max"] == rank:
+        return str(rank)
+    if layer_ranks["min"] == layer_ranks["max"]:
+        return str(layer_ranks["min"])
+    return f"{layer_ranks['mean']:.1f} ({layer_ranks['min']}-{layer_ranks['max']})"
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
-    """One row per (task, variant, rank): {split: {metric: mean/std/n}}, alignment, seconds."""
+    """One row per (task, variant, rank): {split: {metric: mean/std/n}}, alignment, seconds,
+    and the summary of the per-layer ranks (``layer_ranks``: mean/min/max, or None)."""
     groups = defaultdict(list)
     for run in runs:
         groups[(run["task"], run["variant"], run["rank"])].append(run)
@@ -45,7 +65,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
         rows.append({"task": task, "variant": variant, "method": members[0]["method"],
                      "primary_metric": members[0]["primary_metric"],
                      "rank": rank, "seeds": sorted(m["seed"] for m in members),
-                     "metrics": splits,
+                     "layer_ranks": _layer_rank_summary(members), "metrics": splits,
                      "mean_alignment": _mean_std([m["mean_alignment"] for m in members]),
                      "seconds": _mean_std([m["seconds"] for m in members])})
     return rows
@@ -77,7 +97,8 @@ def render_markdown(teachers: list[dict], rows: list[dict], splits: list[str]) -
             lines.append("| " + " | ".join(cells) + " |")
         # By rank, then in the grid's variant order (rows arrive in that order).
         for row in sorted((r for r in rows if r["task"] == task), key=lambda r: r["rank"]):
-            cells = [row["variant"], str(row["rank"]), str(len(row["seeds"]))]
+            cells = [row["variant"], _rank_text(row["rank"], row.get("layer_ranks")),
+                     str(len(row["seeds"]))]
             cells += [_cell(row["metrics"].get(s, {}).get(metric)) for s in splits]
             alignment = row["mean_alignment"]
             cells += [_cell(alignment, 1.0) if alignment["mean"] is None else
@@ -143,7 +164,8 @@ def _plot_principal_angles(runs: list[dict], path: Path) -> None:
                 continue
             names = list(run["layers"])
             means = [statistics.fmean(run["layers"][n]["angles_deg"]) for n in names]
-            axis.plot(range(len(names)), means, marker="o", label=f"{variant} (r={run['rank']})")
+            rank = _rank_text(run["rank"], _layer_rank_summary([run]))
+            axis.plot(range(len(names)), means, marker="o", label=f"{variant} (r={rank})")
         axis.set_xticks(range(len(names)))
         axis.set_xticklabels([_short(n) for n in names], rotation=60, fontsize=6, ha="right")
         axis.set_ylabel("mean principal angle (deg)")
