@@ -22,10 +22,11 @@ def config(tmp_path):
         target_modules=["query", "value"], max_length=32, eval_splits=["validation"],
         teacher_epochs=1, student_epochs=1, teacher_batch_size=16, batch_size=16,
         kd_teacher_lr=1e-3, spectral_teacher_lr=1e-3, student_lr=1e-2, calibration_examples=32,
-        max_rank=8, bf16=False, progress=False, monitor_every=0)
+        max_rank=8, bf16=False, progress=False, monitor_every=0, forgetting_pairs=0)
 
 
 def test_interrupted_grid_resumes_and_skips_complete_runs(config, monkeypatch):
+    config.forgetting_pairs = 12
     real_distill = grid_module.distill
     calls = []
 
@@ -53,13 +54,23 @@ def test_interrupted_grid_resumes_and_skips_complete_runs(config, monkeypatch):
                                    for r in (2, 4))
     assert config_path.stat().st_mtime_ns == teacher_stamp
     assert len(report["runs"]) == 4 and len(report["teachers"]) == 2
+    forgetting = run_folder(config, "custom", "kd_lora", 4, 0) / "forgetting.json"
+    measured = json.loads(forgetting.read_text())
+    assert measured["pairs"] == 12
+    assert measured["spearman_drop"] == pytest.approx(
+        measured["base_spearman"] - measured["spearman"], abs=1e-12)
+    assert 0.0 < measured["embedding_cosine_to_base"] < 1.0 - 1e-6  # the student moved
+    stamp = forgetting.stat().st_mtime_ns
     calls.clear()
     run_grid(config)
     assert calls == []  # everything complete: nothing runs
+    assert forgetting.stat().st_mtime_ns == stamp  # measured once per run
+    assert all(r["forgetting"]["pairs"] == 12 for r in report["runs"])
 
     folder = config.output_dir
     markdown = (folder and open(f"{folder}/results.md").read())
     assert "kd_teacher" in markdown and "sad_lora_align" in markdown
+    assert "forgetting Δρ" in markdown
     results = json.loads(open(f"{folder}/results.json").read())
     assert {row["rank"] for row in results["rows"]} == {2, 4}
     # Teacher logits computed once for the task and reused by every KD run.

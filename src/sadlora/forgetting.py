@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["causal_lm_perplexity", "lm_forgetting", "mean_pooled_embeddings",
+__all__ = ["causal_lm_perplexity", "lm_forgetting", "mean_pooled_embeddings", "sts_probe",
            "sts_cosine_spearman", "representation_forgetting", "stsb_pairs", "stsb_sentences"]
 
 
@@ -135,7 +135,9 @@ def _spearman(first: np.ndarray, second: np.ndarray) -> float:
     return float(stats.spearmanr(first, second)[0])
 
 
-def _pair_cosines(model, tokenizer, sentence1, sentence2, **kwargs) -> tuple:
+def sts_probe(model, tokenizer, sentence1, sentence2, **kwargs) -> tuple:
+    """(cosines (N,) float64 numpy, embeddings of sentence1 (N, h), of sentence2 (N, h)) of
+    mean-pooled ``model`` embeddings; reusable as ``representation_forgetting``'s base."""
     if len(sentence1) != len(sentence2) or not sentence1:
         raise ValueError(f"need equally many (> 0) first and second sentences, got "
                          f"{len(sentence1)} and {len(sentence2)}.")
@@ -148,26 +150,29 @@ def _pair_cosines(model, tokenizer, sentence1, sentence2, **kwargs) -> tuple:
 def sts_cosine_spearman(model, tokenizer, sentence1: Sequence[str], sentence2: Sequence[str],
                         scores: Sequence[float], **kwargs) -> float:
     """Spearman rho between gold ``scores`` and cos(e(s1), e(s2)) of mean-pooled embeddings."""
-    cosine, _, _ = _pair_cosines(model, tokenizer, sentence1, sentence2, **kwargs)
+    cosine, _, _ = sts_probe(model, tokenizer, sentence1, sentence2, **kwargs)
     if len(scores) != len(cosine):
         raise ValueError(f"{len(scores)} scores for {len(cosine)} sentence pairs.")
     return _spearman(cosine, np.asarray(scores, dtype=np.float64))
 
 
 def representation_forgetting(base_model, model, tokenizer, sentence1: Sequence[str],
-                              sentence2: Sequence[str], scores: Sequence[float],
-                              **kwargs) -> dict[str, float]:
+                              sentence2: Sequence[str], scores: Sequence[float], *,
+                              base_probe: tuple | None = None, **kwargs) -> dict[str, float]:
     """How far ``model`` (e.g. the merged student) moved from ``base_model``'s representation.
 
     Returns ``base_spearman``, ``spearman`` (the model's STS cosine Spearman), ``spearman_drop``
     = base - model (> 0: the pretrained similarity structure was damaged) and
     ``embedding_cosine_to_base``: mean over all sentences of cos(e_base(s), e_model(s)).
-    Both models must share ``tokenizer`` (the student and its base do).
+    Both models must share ``tokenizer`` (the student and its base do). ``base_probe``: the
+    base's ``sts_probe`` on the same sentences, computed once for many models (``base_model``
+    is then not run and may be None).
     """
     gold = np.asarray(scores, dtype=np.float64)
-    base_cos, base_1, base_2 = _pair_cosines(base_model, tokenizer, sentence1, sentence2,
-                                             **kwargs)
-    cos, new_1, new_2 = _pair_cosines(model, tokenizer, sentence1, sentence2, **kwargs)
+    if base_probe is None:
+        base_probe = sts_probe(base_model, tokenizer, sentence1, sentence2, **kwargs)
+    base_cos, base_1, base_2 = base_probe
+    cos, new_1, new_2 = sts_probe(model, tokenizer, sentence1, sentence2, **kwargs)
     if len(gold) != len(cos):
         raise ValueError(f"{len(gold)} scores for {len(cos)} sentence pairs.")
     drift = torch.nn.functional.cosine_similarity(torch.cat([base_1, base_2]),

@@ -96,6 +96,9 @@ class GridConfig:
     save_steps: int = 0  # > 0: Trainer checkpoints, so an interrupted run resumes
     monitor_every: int = 50
     progress: bool = True
+    # forgetting of encoder students: STS-B test pairs whose embedding similarity is compared
+    # with the pretrained base's (grid_forgetting; 0 turns it off)
+    forgetting_pairs: int = 500
 
 
 def task_slug(task: str) -> str:
@@ -271,6 +274,7 @@ def run_grid(config: GridConfig) -> dict:
     variants = variant_configs(config)
     for task in config.tasks:
         targets = prepare_task(config, task, variants)
+        probe = _forgetting_probe(config, task)
         for name, overrides in variants.items():
             method = resolve_method(overrides["method"])[1]
             for rank in config.ranks:
@@ -285,11 +289,25 @@ def run_grid(config: GridConfig) -> dict:
                     _step(f"{task} {name} r={rank} seed={seed}", Path(run.output_dir),
                           "metrics.json", lambda run=run: distill(run), config.save_steps > 0,
                           run)
+                    if probe is not None:  # also measures runs finished before it existed
+                        probe.measure(Path(run.output_dir))
     report = write_report(config, collect_results(config))
     report["seconds"] = round(time.time() - started, 1)
     report["summary"] = {"output_dir": config.output_dir, "runs": len(report["runs"]),
                          "table": report["markdown_path"], "seconds": report["seconds"]}
     return report
+
+
+def _forgetting_probe(config: GridConfig, task: str):
+    """A ForgettingProbe for the task's encoder students, or None (off, or a causal LM)."""
+    from ..runs import DataConfig, load_raw_splits
+    from .grid_forgetting import ForgettingProbe
+
+    if config.forgetting_pairs <= 0:
+        return None
+    spec = load_raw_splits(DataConfig(**_data(config, task)))[0]
+    return None if spec is None else ForgettingProbe(config.student_model, spec,
+                                                     config.forgetting_pairs)
 
 
 def collect_results(config: GridConfig) -> dict:
@@ -315,5 +333,10 @@ def collect_results(config: GridConfig) -> dict:
                                      "mean_alignment": data["mean_alignment"],
                                      # absent from runs written before it was recorded
                                      "layer_ranks": data.get("layer_ranks"),
-                                     "layers": data["layers"], "seconds": data["seconds"]})
+                                     "layers": data["layers"], "seconds": data["seconds"],
+                                     "forgetting": _read_json(path.parent / "forgetting.json")})
     return {"teachers": teachers, "runs": runs}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -2,7 +2,10 @@
 
 Per task, per (variant, rank): mean +- sample std over seeds of every metric of every reported
 split, and of the mean alignment. The rank column is the grid's rank, or "mean (min-max)" of the
-per-layer LoRA ranks when a run's layers have other ranks (``rank_from_targets``). Writes
+per-layer LoRA ranks when a run's layers have other ranks (``rank_from_targets``). The
+"forgetting" column is the drop (x 100) of the STS-B test cosine-similarity Spearman of the
+merged student's mean-pooled embeddings against its pretrained base's (``grid_forgetting``;
+> 0: the pretrained representation was damaged). Writes
 ``<name>.json``, ``<name>.md``, ``<name>_metric_vs_rank.png`` and ``<name>_principal_angles.png``
 into the grid's output folder (``name`` = ``GridConfig.report_name``).
 """
@@ -67,6 +70,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
                      "rank": rank, "seeds": sorted(m["seed"] for m in members),
                      "layer_ranks": _layer_rank_summary(members), "metrics": splits,
                      "mean_alignment": _mean_std([m["mean_alignment"] for m in members]),
+                     "forgetting": _mean_std([(m.get("forgetting") or {}).get("spearman_drop")
+                                              for m in members]),
                      "seconds": _mean_std([m["seconds"] for m in members])})
     return rows
 
@@ -85,7 +90,7 @@ def render_markdown(teachers: list[dict], rows: list[dict], splits: list[str]) -
     metrics = {r["task"]: r["primary_metric"] for r in [*teachers, *rows]}
     for task, metric in metrics.items():
         header = ["model", "rank", "seeds"] + [f"{s} {metric}" for s in splits]
-        header += ["alignment", "s / run"]
+        header += ["alignment", "forgetting Δρ", "s / run"]
         lines = [f"### {task} ({metric} x 100, mean ± std over seeds; final weights, no "
                  f"model selection on a reported split)", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -93,7 +98,7 @@ def render_markdown(teachers: list[dict], rows: list[dict], splits: list[str]) -
             cells = [f"{teacher['role']} ({teacher['model']}, full FT)", "-", "1"]
             cells += [_cell({"mean": teacher["metrics"].get(s, {}).get(metric), "std": 0, "n": 1})
                       for s in splits]
-            cells += ["-", f"{teacher['seconds']:.0f}"]
+            cells += ["-", "-", f"{teacher['seconds']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         # By rank, then in the grid's variant order (rows arrive in that order).
         for row in sorted((r for r in rows if r["task"] == task), key=lambda r: r["rank"]):
@@ -102,7 +107,8 @@ def render_markdown(teachers: list[dict], rows: list[dict], splits: list[str]) -
             cells += [_cell(row["metrics"].get(s, {}).get(metric)) for s in splits]
             alignment = row["mean_alignment"]
             cells += [_cell(alignment, 1.0) if alignment["mean"] is None else
-                      f"{alignment['mean']:.3f}", f"{row['seconds']['mean']:.0f}"]
+                      f"{alignment['mean']:.3f}", _cell(row.get("forgetting"), 100.0),
+                      f"{row['seconds']['mean']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
