@@ -207,8 +207,10 @@ def _done(folder: Path, marker: str) -> bool:
 
 
 def _check_resumable(config: LlamaInstructConfig, root: Path) -> None:
-    """Refuse to mix stages of two different configurations in one output_dir."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("log_level", "progress")}
+    """Refuse to mix stages of two different configurations in one output_dir. The list of
+    methods may change: each student has its own folder (a resumed call adds methods)."""
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("log_level", "progress", "methods")}
     path = root / "experiment_config.json"
     if path.exists():
         saved = json.loads(path.read_text())
