@@ -304,6 +304,9 @@ def run_llama_instruct(config: LlamaInstructConfig) -> dict:
     with timer("evaluate_references"):
         models["student_base (no adaptation)"] = _evaluate_folder(
             str(student_base), config, rows, texts)
+        if config.finetune_kd_teacher:  # the pretrained reference of the forgetting column
+            models["kd_teacher before fine-tuning"] = _evaluate_folder(
+                config.kd_teacher, config, rows, texts)
         models["kd_teacher"] = _evaluate_folder(teachers["kd_teacher"], config, rows, texts)
         models["spectral_teacher (full FT)"] = _evaluate_folder(
             teachers["spectral_teacher"], config, rows, texts)

@@ -42,7 +42,11 @@ def render_report(results: dict) -> str:
         "greedy answer equals `answer: ...` after normalisation. Generic ppl: perplexity of "
         f"{results['generic_text']['count']} {results['generic_text']['source']} (never "
         "trained on); ppl ratio = generic ppl / generic ppl of the student base before "
-        "adaptation (> 1 means forgetting). Alignment: mean over layers of (1/r) sum cos^2 of "
+        "adaptation (> 1 means forgetting; a student base with dropped layers is itself damaged, "
+        "so < 1 there means the adaptation also repaired generic text; the pretrained model is the "
+        "`kd_teacher before fine-tuning` row when the teacher was fine-tuned). The stage times "
+        "are those of the calls that ran each stage (a resumed call reuses finished stages). "
+        "Alignment: mean over layers of (1/r) sum cos^2 of "
         "the principal angles between colspan(B) and the spectral target span(U_r).", "",
         *lines, "",
         f"Wall time {results['wall_time_s']:.0f} s ({stages}).", ""])
