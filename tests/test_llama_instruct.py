@@ -118,6 +118,11 @@ def test_pipeline_end_to_end_on_tiny_llama(tmp_path):
         results["stage_seconds"]["distill_sad_lora_align"]
     assert again["models"]["sad_lora_align"]["response_perplexity"] == pytest.approx(
         models["sad_lora_align"]["response_perplexity"], rel=1e-6)
+    # A resumed call may add a method: only the new student is trained.
+    grown = run_llama_instruct(dataclasses.replace(config, methods=["sad_lora_align", "lora"]))
+    assert set(grown["models"]) >= {"sad_lora_align", "lora"}
+    assert grown["stage_seconds"]["distill_sad_lora_align"] == \
+        results["stage_seconds"]["distill_sad_lora_align"]
     with pytest.raises(ValueError, match=r"another configuration \(differs in \['lora_rank'\]"):
-        run_llama_instruct(dataclasses.replace(config, lora_rank=4))
+        run_llama_instruct(dataclasses.replace(config, lora_rank=4, methods=["kd_lora"]))
 

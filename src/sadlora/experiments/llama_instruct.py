@@ -209,11 +209,11 @@ def _done(folder: Path, marker: str) -> bool:
 def _check_resumable(config: LlamaInstructConfig, root: Path) -> None:
     """Refuse to mix stages of two different configurations in one output_dir. The list of
     methods may change: each student has its own folder (a resumed call adds methods)."""
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("log_level", "progress", "methods")}
+    free = ("log_level", "progress", "methods")
+    settings = {k: v for k, v in asdict(config).items() if k not in free}
     path = root / "experiment_config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in free}
         changed = sorted(k for k in settings.keys() | saved.keys()
                          if settings.get(k) != saved.get(k))
         if changed:
