@@ -123,6 +123,7 @@ def test_pipeline_end_to_end_on_tiny_llama(tmp_path):
     assert set(grown["models"]) >= {"sad_lora_align", "lora"}
     assert grown["stage_seconds"]["distill_sad_lora_align"] == \
         results["stage_seconds"]["distill_sad_lora_align"]
+    assert grown["stage_seconds"]["extract"] == results["stage_seconds"]["extract"]
     with pytest.raises(ValueError, match=r"another configuration \(differs in \['lora_rank'\]"):
         run_llama_instruct(dataclasses.replace(config, lora_rank=4, methods=["kd_lora"]))
 

@@ -237,7 +237,7 @@ def _teachers(config: LlamaInstructConfig, root: Path, student_base: Path, timer
                 model=str(student_base), learning_rate=config.teacher_learning_rate,
                 num_train_epochs=config.teacher_epochs,
                 **_train_common(config, root / "spectral_teacher")))
-    if not _done(root / "targets", "done.json"):
+    if not _done(root / "targets", "targets.json"):  # save_targets writes it last
         with timer("extract"):
             extract(ExtractConfig(
                 spectral_teacher=str(root / "spectral_teacher"), base_model=str(student_base),
