@@ -155,6 +155,7 @@ def test_three_routes_agree(d_out, d_in, n, seed):
         data_weighted_subspace(delta_w, sigma, k),
         data_weighted_subspace(None, k=k, gram=gram),
         data_weighted_subspace(delta_w, k=k, inputs=x),
+        data_weighted_subspace(delta_w, k=k, factor=sigma_factor(sigma)),
     ]
     reference = routes[0]
     values = reference.singular_values
@@ -231,6 +232,8 @@ def test_subspace_errors():
         data_weighted_subspace(randn(0, 4, 3), k=5)
     with pytest.raises(ValueError, match="sigma must be the"):
         data_weighted_subspace(randn(0, 4, 3), torch.eye(4, dtype=F64))
+    with pytest.raises(ValueError, match=r"factor must be \(n, d_in=3\)"):
+        data_weighted_subspace(randn(0, 4, 3), factor=torch.eye(4, dtype=F64))
     with pytest.raises(ValueError, match="at most one of"):
         data_weighted_subspace(randn(0, 4, 3), torch.eye(3, dtype=F64), gram=torch.eye(4))
 

@@ -266,27 +266,30 @@ def data_weighted_subspace(
     *,
     gram: torch.Tensor | None = None,
     inputs: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
 ) -> DataWeightedSubspace:
     """Top-k left singular vectors and values of W~ = dW Sigma^{1/2}, and tr(K).
 
-    Three equivalent routes (DESIGN.md §1), agreeing to float64 round-off:
+    Equivalent routes (DESIGN.md §1), agreeing to float64 round-off:
 
     - ``sigma`` (d_in, d_in): K = dW Sigma dW^T, then ``eigh(K)``. ``sigma=None`` means I.
     - ``gram`` (d_out, d_out): an already accumulated K = (1/n) sum_t (dW x_t)(dW x_t)^T;
       ``delta_w`` may then be None. Memory d_out^2 instead of d_in^2.
-    - ``inputs`` X (n, d_in), the calibration vectors themselves, with Sigma = X^T X / n:
-      SVD of Z = dW X^T / sqrt(n) (d_out, n), the seed's "implicit SVD", cheap when n < d_in.
+    - ``factor`` F (m, d_in) with Sigma = F^T F: SVD of Z = dW F^T (d_out, m).
+    - ``inputs`` X (n, d_in), the calibration vectors themselves, with Sigma = X^T X / n: the
+      factor route with F = X / sqrt(n), the seed's "implicit SVD", cheap when n < d_in.
 
-    With ``sigma`` and d_out > d_in (e.g. an MLP up-projection), K is (d_out, d_out) but has rank
-    <= d_in, and ``eigh`` of such a rank-deficient matrix is the slow case of LAPACK's divide
-    and conquer (7 s for d_out = 1536 on one core): the SVD of Z = dW F^T with Sigma = F^T F
-    (``sigma_factor``) gives the same values and vectors for about a tenth of the cost.
+    With ``sigma`` (or I) and d_out > d_in (e.g. an MLP up-projection), K is (d_out, d_out) but
+    has rank <= d_in, and ``eigh`` of it is slow (the slow case of LAPACK's divide and conquer
+    when K is exactly rank-deficient): the factor route is taken instead, with
+    F = ``sigma_factor(sigma)`` (F = I for Sigma = I), 3-20x faster (bench/wide_layers.py).
+    Layers sharing one Sigma can pass ``factor`` to compute F once.
 
     Args:
         k: number of leading directions kept (default: all d_out).
     """
-    if sum(x is not None for x in (sigma, gram, inputs)) > 1:
-        raise ValueError("give at most one of sigma, gram and inputs.")
+    if sum(x is not None for x in (sigma, gram, inputs, factor)) > 1:
+        raise ValueError("give at most one of sigma, gram, inputs and factor.")
     reference = gram if gram is not None else delta_w
     if reference is None:
         raise ValueError("data_weighted_subspace needs delta_w (or gram=K).")
@@ -296,22 +299,22 @@ def data_weighted_subspace(
     if not 1 <= k <= d_out:
         raise ValueError(f"k must be in [1, d_out={d_out}], got k={k}.")
 
-    if inputs is not None:
-        if inputs.dim() != 2 or inputs.shape[1] != delta_w.shape[1]:
+    for name, given in (("inputs", inputs), ("factor", factor)):
+        if given is not None and (given.dim() != 2 or given.shape[1] != delta_w.shape[1]):
             raise ValueError(
-                f"inputs must be (n, d_in={delta_w.shape[1]}), got {tuple(inputs.shape)}."
+                f"{name} must be (n, d_in={delta_w.shape[1]}), got {tuple(given.shape)}."
             )
-        factor = inputs.to(torch.float64) / inputs.shape[0] ** 0.5  # Sigma = F^T F
-    elif gram is None and d_out > delta_w.shape[1]:  # K is rank-deficient: SVD of dW F^T
-        d_in = delta_w.shape[1]
-        if sigma is not None:
-            _check_sigma(sigma, d_in)
-        factor = (sigma_factor(sigma) if sigma is not None else
-                  torch.eye(d_in, dtype=torch.float64, device=delta_w.device))
-    else:
-        factor = None
-    if factor is not None:
-        z = delta_w.to(torch.float64) @ factor.T
+    if inputs is not None:
+        factor = inputs.to(torch.float64) / inputs.shape[0] ** 0.5
+    if sigma is not None:
+        _check_sigma(sigma, delta_w.shape[1])
+    wide = gram is None and factor is None and d_out > delta_w.shape[1]
+    if wide and sigma is not None:
+        factor = sigma_factor(sigma)
+    if factor is not None or wide:
+        z = delta_w.to(torch.float64)  # Sigma = I (wide, no sigma): Z = dW itself
+        if factor is not None:
+            z = z @ factor.to(torch.float64).T
         u, s, _ = torch.linalg.svd(z, full_matrices=k > min(z.shape))
         values = torch.zeros(d_out, dtype=torch.float64, device=z.device)
         values[: s.shape[0]] = s

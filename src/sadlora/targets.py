@@ -37,7 +37,7 @@ from .calibration import (
     linear_weight,
     resolve_target_modules,
 )
-from .spectral import data_weighted_subspace, select_ranks
+from .spectral import data_weighted_subspace, select_ranks, sigma_factor
 
 __all__ = ["LayerTarget", "SpectralTargets", "model_fingerprint", "task_updates",
            "build_targets", "save_targets", "load_targets", "check_fingerprint"]
@@ -171,7 +171,9 @@ def _layer_spectra(teacher, base, names, moments, *, use_gram, shrinkage, max_ra
     Sigma = I (the plain SVD of dW, the unweighted ablation). Per layer: a LayerTarget
     still without rank and gap, the float64 values (k + 1,) (sigma~_{k+1} = 0 when k = d_out,
     for the gap at r = k) and tr K (float64)."""
-    results, sigma_of = {}, {}  # sigma_of: accumulator id -> (Sigma, its float32 copy)
+    # sigma_of: accumulator id -> {"sigma", "sigma32" (its float32 copy), "factor" (F with
+    # Sigma = F^T F, made on the first wide layer: gate and up share it)}
+    results, sigma_of = {}, {}
     for name in names:
         delta = task_updates(teacher, base, [name])[name]
         if use_gram:
@@ -181,9 +183,15 @@ def _layer_spectra(teacher, base, names, moments, *, use_gram, shrinkage, max_ra
                 sigma_of.clear()  # sharing layers are adjacent; don't hold every d_in^2 Sigma
                 mean = (moments[name].mean(shrinkage) if data_weighted else
                         torch.eye(delta.shape[1], dtype=torch.float64))
-                sigma_of[id(moments[name])] = (mean, mean.to(torch.float32))
-            sigma, sigma32 = sigma_of[id(moments[name])]
-            subspace = data_weighted_subspace(delta, sigma.to(delta.device))
+                sigma_of[id(moments[name])] = {"sigma": mean, "sigma32": mean.to(torch.float32)}
+            shared = sigma_of[id(moments[name])]
+            sigma, sigma32 = shared["sigma"], shared["sigma32"]
+            if delta.shape[0] > delta.shape[1]:  # wide layer: SVD of dW F^T, see spectral.py
+                if "factor" not in shared:
+                    shared["factor"] = sigma_factor(sigma).to(delta.device)
+                subspace = data_weighted_subspace(delta, factor=shared["factor"])
+            else:
+                subspace = data_weighted_subspace(delta, sigma.to(delta.device))
         k = min(max_rank, delta.shape[0])
         values = torch.cat([subspace.singular_values, subspace.singular_values.new_zeros(1)])
         target = LayerTarget(
