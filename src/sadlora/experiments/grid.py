@@ -40,7 +40,8 @@ from ..commands import (
 )
 from ..config import from_dict
 from ..methods import resolve_method
-from ..runs import write_json
+from ..runs import DataConfig, load_raw_splits, write_json
+from .grid_forgetting import ForgettingProbe
 
 __all__ = ["GridConfig", "run_grid", "variant_configs", "run_folder", "collect_results"]
 
@@ -300,9 +301,6 @@ def run_grid(config: GridConfig) -> dict:
 
 def _forgetting_probe(config: GridConfig, task: str):
     """A ForgettingProbe for the task's encoder students, or None (off, or a causal LM)."""
-    from ..runs import DataConfig, load_raw_splits
-    from .grid_forgetting import ForgettingProbe
-
     if config.forgetting_pairs <= 0:
         return None
     spec = load_raw_splits(DataConfig(**_data(config, task)))[0]

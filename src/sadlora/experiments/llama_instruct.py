@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -261,29 +262,22 @@ def _distill(config, root: Path, student_base: Path, teachers: dict, method: str
 
 
 class _Timer:
-    """Context-manager factory recording wall seconds per stage into ``seconds``, kept in
-    ``path`` so that a resumed run still reports the stages an earlier call ran."""
+    """``with timer(name):`` records the stage's wall seconds into ``seconds``, kept in ``path``
+    so that a resumed run still reports the stages an earlier call ran."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.seconds: dict[str, float] = (json.loads(path.read_text()) if path.exists()
                                           else {})
 
+    @contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.started = time.time()
-                log.info("stage %s ...", name)
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = round(time.time() - self.started, 1)
-                log.info("stage %s: %.1f s", name, timer.seconds[name])
-                if exc[0] is None:
-                    write_json(timer.seconds, timer.path)
-
-        return _Stage()
+        started = time.time()
+        log.info("stage %s ...", name)
+        yield
+        self.seconds[name] = round(time.time() - started, 1)
+        log.info("stage %s: %.1f s", name, self.seconds[name])
+        write_json(self.seconds, self.path)
 
 
 def run_llama_instruct(config: LlamaInstructConfig) -> dict:
